@@ -1,0 +1,75 @@
+# loraswap: train QLoRA task adapters, serve them, test and benchmark.
+# Every target runs inside .venv, which `make setup` builds (quick when already done).
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+BASE ?= models/demo-base
+DEMO_TASKS := uppercase reverse sort json
+ADAPTERS_DIR ?= adapters/store
+export ADAPTERS_DIR
+
+# Optional overrides for `make train`: NAME DATA BASE R ALPHA LR EPOCHS MAX_STEPS BATCH ACCUM
+# MAX_LENGTH LAST_LAYERS EVAL_DATA CONFIG, and ARGS for any other flag of `python -m train --help`.
+opt = $(if $($(1)),$(2) $($(1)))
+TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
+	$(call opt,CONFIG,--config) $(call opt,R,--r) $(call opt,ALPHA,--alpha) $(call opt,LR,--lr) \
+	$(call opt,EPOCHS,--epochs) $(call opt,MAX_STEPS,--max-steps) $(call opt,BATCH,--micro-batch-size) \
+	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
+	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
+
+.PHONY: setup base data demo-adapters train params-table test demo serve clean-demo help
+
+help:
+	@echo "make demo            set up, build the demo base and adapters if missing, serve"
+	@echo "make test            run the test suite (CPU)"
+	@echo "make base            train the demo base model (models/demo-base)"
+	@echo "make demo-adapters   train one adapter per demo task"
+	@echo "make train NAME=... DATA=... [BASE= R= ALPHA= LR= EPOCHS= ...]"
+	@echo "make params-table    the talk's trainable-parameter table, idealised and exact"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on this machine's disk; an open range would pull CUDA.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(BASE)/config.json: | setup
+	$(PY) -m demo.base --out $(BASE)
+
+base: setup
+	$(PY) -m demo.base --out $(BASE)
+
+data/%/train.jsonl: | setup
+	$(PY) -m demo.tasks --out data
+
+data: data/uppercase/train.jsonl
+
+$(ADAPTERS_DIR)/%/card.json: | $(BASE)/config.json data/uppercase/train.jsonl
+	$(PY) -m train --config configs/demo-adapter.yaml --name $* --base $(BASE) \
+		--data data/$*/train.jsonl --eval-data data/$*/eval.jsonl --adapters $(ADAPTERS_DIR)
+
+demo-adapters: $(foreach t,$(DEMO_TASKS),$(ADAPTERS_DIR)/$(t)/card.json)
+
+train: setup
+	@test -n "$(NAME)" -a -n "$(DATA)" || { echo "usage: make train NAME=name DATA=file.jsonl [BASE=... R=... ALPHA=... LR=... EPOCHS=...]"; exit 2; }
+	$(PY) -m train $(TRAIN_FLAGS)
+
+params-table: setup
+	$(PY) -m train params-table $(if $(filter-out $(BASE),models/demo-base),--base $(BASE))
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup $(BASE)/config.json demo-adapters
+	@echo "Demo base and adapters are ready:"
+	@$(PY) -c "from adapters import AdapterStore, read_card; s = AdapterStore(); [print(f'  {n}: exact match {read_card(s.path(n)).metric.base:.2f} (base) -> {read_card(s.path(n)).metric.adapter:.2f} (adapter)') for n in s.names()]"
+	@echo "The server (serve/) is not built yet: see issues 3 and 4."
+
+clean-demo:
+	rm -rf $(BASE) data $(ADAPTERS_DIR) runs

@@ -1,0 +1,121 @@
+"""`card.json`: what an adapter is, what it was trained on, and how well it does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+CARD_FILE = "card.json"
+CARD_VERSION = 1
+
+
+@dataclass
+class BaseInfo:
+    path: str
+    fingerprint: str
+    architecture: str
+    quantization: str
+    """'nf4-double-quant' (QLoRA) or 'none' (plain LoRA)."""
+
+
+@dataclass
+class LoraInfo:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+    last_layers: int | None
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params
+
+
+@dataclass
+class DatasetInfo:
+    path: str
+    sha256: str
+    bytes: int
+    train_examples: int
+    eval_examples: int
+    eval_source: str
+    """The eval file's path, or 'held-out fraction 0.1 of <path>'."""
+    dropped_too_long: int = 0
+
+
+@dataclass
+class TrainingInfo:
+    epochs: float
+    steps: int
+    learning_rate: float
+    batch_size: int
+    """Examples per optimizer step (micro-batch x accumulation x processes)."""
+    max_length: int
+    seed: int
+    duration_s: float
+    tokens_per_s: float
+    """Real (non-padding) tokens processed per second of training."""
+    train_loss: float
+    eval_loss: float | None
+    history: list[dict] = field(default_factory=list)
+    """One entry per logged step or eval: {'step', 'train_loss'} or {'step', 'eval_loss'}."""
+
+
+@dataclass
+class MetricInfo:
+    name: str
+    """'exact_match': the stripped reply equals the reference reply."""
+    base: float
+    """The base alone on the eval set."""
+    adapter: float
+    """The base with this adapter on the same eval set."""
+    eval_examples: int
+
+
+@dataclass
+class AdapterCard:
+    name: str
+    task: str
+    created_at: str
+    base: BaseInfo
+    lora: LoraInfo
+    dataset: DatasetInfo
+    training: TrainingInfo
+    metric: MetricInfo | None
+    versions: dict[str, str]
+    card_version: int = CARD_VERSION
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["lora"]["trainable_share"] = self.lora.trainable_share
+        return data
+
+    def write(self, folder: Path) -> None:
+        (folder / CARD_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdapterCard":
+        parts = {"base": BaseInfo, "lora": LoraInfo, "dataset": DatasetInfo, "training": TrainingInfo}
+        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        for key, kind in parts.items():
+            kwargs[key] = _build(kind, data[key])
+        if data.get("metric") is not None:
+            kwargs["metric"] = _build(MetricInfo, data["metric"])
+        return cls(**kwargs)
+
+
+def _build(kind, data: dict):
+    names = {f.name for f in fields(kind)}
+    return kind(**{k: v for k, v in data.items() if k in names})
+
+
+def read_card(folder: Path) -> AdapterCard:
+    """The card in an adapter folder; ValueError naming the file when it is unreadable."""
+    path = Path(folder) / CARD_FILE
+    try:
+        return AdapterCard.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable adapter card: {err}") from err

@@ -1,0 +1,127 @@
+"""Is an adapter folder safe to load and does it fit a base? Checked without loading weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from adapters.card import CARD_FILE, read_card
+from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+KEY_PREFIX = "base_model.model."
+
+
+class AdapterCheckError(ValueError):
+    """An adapter that must not be served, with the reason."""
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What an adapter is checked against: the base's identity and its linear layers' shapes."""
+
+    fingerprint: str
+    architecture: str
+    linear_shapes: dict[str, tuple[int, int]]
+    """Module name -> (in_features, out_features) for every linear layer."""
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, fingerprint: str) -> "BaseShape":
+        shapes = {
+            name: (module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if hasattr(module, "in_features") and hasattr(module, "out_features")
+        }
+        architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+        return cls(fingerprint, architectures[0], shapes)
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    config: dict
+    """adapter_config.json as written by peft."""
+    lora_shapes: dict[str, tuple[int, int]]
+    """Module name -> (in_features, out_features) implied by its lora_A and lora_B."""
+
+
+def read_adapter_files(folder: Path) -> AdapterShape:
+    """Read an adapter's config and tensor shapes, refusing pickles and damaged files."""
+    folder = Path(folder)
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise AdapterCheckError(
+            f"pickled weights {pickles} refused: they can run code when loaded; save as safetensors"
+        )
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterCheckError(f"missing {path.name}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterCheckError(f"{ADAPTER_CONFIG} is not valid JSON: {err}") from err
+    if config.get("peft_type") != "LORA":
+        raise AdapterCheckError(f"{ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
+    return AdapterShape(config, _lora_shapes(weights_path))
+
+
+def _lora_shapes(weights_path: Path) -> dict[str, tuple[int, int]]:
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # safetensors raises several types for a damaged header
+        raise AdapterCheckError(f"{ADAPTER_WEIGHTS} is not a readable safetensors file: {err}") from err
+    _check_data_length(weights_path)
+    in_out: dict[str, list[int | None]] = {}
+    for key, shape in shapes.items():
+        for part, index in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if key.endswith(part) and len(shape) == 2:
+                module = key[: -len(part)].removeprefix(KEY_PREFIX)
+                pair = in_out.setdefault(module, [None, None])
+                pair[index] = shape[1] if index == 0 else shape[0]
+    if not in_out:
+        raise AdapterCheckError(f"{ADAPTER_WEIGHTS} holds no LoRA A/B matrices")
+    return {m: (a, b) for m, (a, b) in in_out.items()}
+
+
+def _check_data_length(weights_path: Path) -> None:
+    """A truncated file has a valid header but fewer data bytes than the header promises."""
+    raw = weights_path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if len(raw) < 8 + header_len + end:
+        raise AdapterCheckError(
+            f"{ADAPTER_WEIGHTS} is truncated: {len(raw)} bytes, header needs {8 + header_len + end}"
+        )
+
+
+def check_adapter(folder: Path, base: BaseShape) -> AdapterShape:
+    """Raise AdapterCheckError with every reason the adapter cannot be served on this base."""
+    adapter = read_adapter_files(folder)
+    problems = []
+    if (Path(folder) / CARD_FILE).is_file():
+        card = read_card(folder)
+        if card.base.fingerprint != base.fingerprint:
+            problems.append(
+                f"trained on base {card.base.path} ({card.base.fingerprint}), "
+                f"served base is {base.fingerprint}"
+            )
+        if card.base.architecture != base.architecture:
+            problems.append(f"architecture {card.base.architecture}, served base is {base.architecture}")
+    for module, (a_in, b_out) in sorted(adapter.lora_shapes.items()):
+        if module not in base.linear_shapes:
+            problems.append(f"targets {module}, which the base does not have")
+            continue
+        want = base.linear_shapes[module]
+        if (a_in, b_out) != want:
+            problems.append(f"{module}: LoRA shapes give {(a_in, b_out)}, the base layer is {want}")
+            if len(problems) > 5:
+                break
+    if problems:
+        raise AdapterCheckError("; ".join(problems))
+    return adapter

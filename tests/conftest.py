@@ -1,0 +1,67 @@
+"""Fixtures: a tiny Llama base (random weights, the demo tokenizer trained small) built in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_base(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from demo.base import train_tokenizer
+
+    tokenizer = train_tokenizer(folder, vocab_size=384, seed=0, corpus_examples=1500)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        architectures=["LlamaForCausalLM"],
+        # A wide init gives the random output head logits large enough for a LoRA to move
+        # (at 0.02 no reply can reach a confident logit and nothing is learnable).
+        initializer_range=0.3,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory) -> Path:
+    """A second base with other shapes, for adapters that must be refused."""
+    return build_tiny_base(tmp_path_factory.mktemp("other-base"), seed=1, hidden=128)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat(user: str, reply: str, system: str | None = None) -> dict:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return {"messages": messages}
+
+
+@pytest.fixture
+def toy_task(tmp_path) -> Path:
+    """A task a tiny random model can learn in a few dozen steps: name a fixed color per animal."""
+    colors = {"cat": "red", "dog": "blue", "bird": "green", "fish": "red", "king": "blue", "queen": "green"}
+    rows = [chat(f"Color of {animal}?", color) for animal, color in colors.items()] * 20
+    write_jsonl(tmp_path / "toy" / "eval.jsonl", [chat(f"Color of {a}?", c) for a, c in colors.items()])
+    return write_jsonl(tmp_path / "toy" / "train.jsonl", rows)

@@ -1,0 +1,206 @@
+"""Training configuration: one typed dataclass per concern; a YAML file is a saved instance."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapters.base import BaseConfig
+from adapters.store import check_name
+
+
+def _opt(default, help: str, flag: str | None = None, **extra):
+    """A config field whose help text doubles as its documentation and CLI help."""
+    meta = {"help": help, **({"flag": flag} if flag else {}), **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraSettings:
+    r: int = _opt(16, "LoRA rank: the inner size of A (r x in) and B (out x r).")
+    alpha: float = _opt(32.0, "LoRA alpha: the update is scaled by alpha / r.")
+    dropout: float = _opt(0.05, "Dropout on the LoRA branch's input.")
+    target_modules: list[str] = _opt(
+        ["all-linear"],
+        "Module names to adapt; 'all-linear' adapts every linear layer but the output head, "
+        "which QLoRA needs to match 16-bit fine-tuning.",
+        flag="--target-modules",
+        nargs="+",
+    )
+    last_layers: int | None = _opt(
+        None, "Adapt only the last N transformer blocks (the 'fine-tune the last layers' technique)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be > 0, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.last_layers is not None and self.last_layers <= 0:
+            raise ValueError(f"lora.last_layers must be > 0, got {self.last_layers}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty")
+
+
+@dataclass
+class OptimSettings:
+    lr: float = _opt(2e-4, "Peak learning rate.")
+    warmup_ratio: float = _opt(0.05, "Share of the steps spent warming the learning rate up from 0.")
+    schedule: str = _opt("cosine", "Learning-rate schedule after warmup: cosine, linear or constant.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA matrices.")
+    epochs: float = _opt(1.0, "Passes over the training set (fractions allowed).")
+    max_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).")
+    micro_batch_size: int = _opt(8, "Examples per forward pass.")
+    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError(f"optim.epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"optim.max_steps must be > 0, got {self.max_steps}")
+        if self.micro_batch_size <= 0 or self.grad_accum <= 0:
+            raise ValueError("optim.micro_batch_size and optim.grad_accum must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class DataSettings:
+    path: str = _opt("", "Training data: a JSONL file (chat messages, alpaca or prompt/completion).", flag="--data")
+    eval_path: str | None = _opt(None, "Eval data file; without it a held-out fraction of --data is used.", flag="--eval-data")
+    eval_fraction: float = _opt(0.1, "Share of --data held out for eval when no --eval-data is given.")
+    max_eval_examples: int = _opt(200, "At most this many eval examples are scored (loss and exact match).")
+    max_length: int = _opt(512, "Longest example in tokens; longer ones are dropped or rejected (--on-long).")
+    on_long: str = _opt("drop", "What to do with examples over --max-length: drop (counted and named) or error.")
+    task: str = _opt("", "Task name recorded in the card (default: the data folder's name).")
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("data.path is required (--data FILE)")
+        if self.on_long not in ("drop", "error"):
+            raise ValueError(f"data.on_long must be drop or error, got {self.on_long!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.max_length <= 8:
+            raise ValueError(f"data.max_length must be > 8, got {self.max_length}")
+        if not self.task:
+            self.task = Path(self.path).parent.name or Path(self.path).stem
+
+
+@dataclass
+class TrainConfig:
+    name: str = _opt("", "Adapter name in the store (letters, digits, '.', '_', '-').")
+    base: BaseConfig = field(default_factory=BaseConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    data: DataSettings = field(default_factory=lambda: DataSettings(path="-"))
+    seed: int = _opt(0, "Seed for data order, LoRA init and dropout.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
+    resume: bool = _opt(False, "Continue from the run's last checkpoint (weights, optimizer, scheduler, step, RNG).")
+    log_every: int = _opt(10, "Record the training loss every N steps.")
+    runs_dir: str = _opt("runs", "Where checkpoints go: <runs_dir>/<name>/.")
+    store_dir: str | None = _opt(None, "Adapter store (default: $ADAPTERS_DIR or adapters/store).", flag="--adapters")
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+
+
+BASE_FLAGS = {"path": "--base", "quantize": "--quantize", "device": "--device"}
+
+
+def _leaves(cls, prefix: tuple[str, ...] = ()):
+    """(path, field) for every scalar field of a nested config dataclass."""
+    for f in fields(cls):
+        kind = f.default_factory() if f.default_factory is not MISSING else None
+        if is_dataclass(kind):
+            yield from _leaves(type(kind), prefix + (f.name,))
+        else:
+            yield prefix + (f.name,), f
+
+
+def _flag(path: tuple[str, ...], f) -> str:
+    if path[0] == "base":
+        return BASE_FLAGS[path[-1]]
+    return f.metadata.get("flag") or "--" + path[-1].replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a QLoRA adapter on a 4-bit base and save it, with its card, in the adapter store.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="A YAML file holding a saved TrainConfig; flags override it.")
+    parser.add_argument("--no-quant", action="store_true", help="Load the base unquantized (plain LoRA).")
+    for path, f in _leaves(TrainConfig):
+        help_text = f.metadata.get("help", "")
+        dest = ".".join(path)
+        if f.type in ("bool", bool):
+            parser.add_argument(_flag(path, f), dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        nargs = f.metadata.get("nargs")
+        parser.add_argument(
+            _flag(path, f), dest=dest, nargs=nargs, type=_scalar_type(f.type), help=help_text, metavar=path[-1].upper()
+        )
+    return parser
+
+
+def _scalar_type(annotation: str):
+    text = str(annotation)
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the --config YAML, then the flags given on the command line."""
+    args = vars(build_parser().parse_args(argv))
+    data: dict[str, Any] = {}
+    if "config" in args:
+        data = yaml.safe_load(Path(args.pop("config")).read_text()) or {}
+    if args.pop("no_quant", False):
+        args["base.quantize"] = False
+    for dotted, value in args.items():
+        _set(data, dotted.split("."), value)
+    return config_from_dict(data)
+
+
+def _set(tree: dict, path: list[str], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    unknown = set(data) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    parts = {"base": BaseConfig, "lora": LoraSettings, "optim": OptimSettings, "data": DataSettings}
+    kwargs = dict(data)
+    for key, kind in parts.items():
+        section = kwargs.get(key, {})
+        bad = set(section) - {f.name for f in fields(kind)}
+        if bad:
+            raise ValueError(f"unknown keys in config section {key!r}: {sorted(bad)}")
+        kwargs[key] = kind(**section)
+    return TrainConfig(**kwargs)
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return asdict(config)

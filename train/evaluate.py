@@ -1,0 +1,83 @@
+"""Eval loss and the task metric (exact match of greedy replies) for a model, with or without its adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adapters.chat import encode_prompt
+from train.data import IGNORE_INDEX, Example, Tokenized, collate
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the labelled tokens, and their count.
+
+    Summing (not averaging) per micro-batch lets gradient accumulation weight every target
+    token equally, however the tokens are spread over micro-batches.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]  # [batch, seq-1]
+    logits = logits[:, :-1].float()  # [batch, seq-1, vocab]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int, device) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[start : start + batch_size], pad_id).items()}
+        loss, n = token_loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def normalize(text: str) -> str:
+    return text.strip()
+
+
+@dataclass
+class ExactMatch:
+    score: float
+    outputs: list[str]
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy replies for tokenized prompts, batched with left padding."""
+    was_training = model.training
+    model.eval()
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(chunk):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        replies.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
+    model.train(was_training)
+    return replies
+
+
+def exact_match(model, tokenizer, examples: list[Example], device, batch_size: int = 32) -> ExactMatch:
+    """Share of examples whose greedy reply equals the reference reply (whitespace-stripped)."""
+    prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
+    longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
+    replies = generate_replies(model, tokenizer, prompts, longest + 8, batch_size, device)
+    hits = sum(normalize(r) == normalize(e.reference) for r, e in zip(replies, examples))
+    return ExactMatch(hits / len(examples), replies)

@@ -1,0 +1,320 @@
+"""The QLoRA training loop, readable top to bottom: data, base, LoRA, steps, eval, save.
+
+One process: `python -m train ...`. Several GPUs: `accelerate launch -m train ...`; each
+process loads its own 4-bit copy of the base on its own GPU and trains on its share of the
+batches, and gradients are averaged by DDP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler, set_seed
+
+from adapters.base import LoadedBase, load_base, load_tokenizer
+from adapters.card import AdapterCard, BaseInfo, DatasetInfo, LoraInfo, MetricInfo, TrainingInfo
+from adapters.store import AdapterStore
+from train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import LoraSettings, TrainConfig, config_to_dict
+from train.data import (
+    Example,
+    LongExamples,
+    Tokenized,
+    collate,
+    file_digest,
+    length_grouped_batches,
+    load_examples,
+    split_eval,
+    tokenize,
+)
+from train.evaluate import eval_loss, exact_match, token_loss_sum
+from train.save import save_adapter
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A setting that does not fit the base (unknown target module, too many layers)."""
+
+
+@dataclass
+class PreparedData:
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    train: list[Tokenized]
+    eval: list[Tokenized]
+    eval_source: str
+    dropped: LongExamples
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    card: AdapterCard
+
+
+def linear_module_names(base_path: str) -> tuple[set[str], int]:
+    """Leaf names of the base's linear layers and its block count, from the config alone (meta device)."""
+    config = AutoConfig.from_pretrained(base_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return names, getattr(config, "num_hidden_layers", 0)
+
+
+def check_lora_fits_base(lora: LoraSettings, base_path: str) -> None:
+    names, n_layers = linear_module_names(base_path)
+    if lora.target_modules != ["all-linear"]:
+        unknown = [m for m in lora.target_modules if m not in names]
+        if unknown:
+            raise ConfigError(
+                f"lora.target_modules: unknown target module(s) {unknown}; "
+                f"the base's linear layers are {sorted(names)} (or use all-linear)"
+            )
+    if lora.last_layers is not None and lora.last_layers > n_layers:
+        raise ConfigError(f"lora.last_layers={lora.last_layers}, but the base has {n_layers} blocks")
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
+    """Read, check, split and tokenize; every data error surfaces here, before the base loads."""
+    data = config.data
+    examples = load_examples(data.path)
+    if data.eval_path:
+        train_ex, eval_ex, source = examples, load_examples(data.eval_path), data.eval_path
+    else:
+        train_ex, eval_ex = split_eval(examples, data.eval_fraction, config.seed)
+        source = f"held-out fraction {data.eval_fraction} of {data.path}"
+    eval_ex = eval_ex[: data.max_eval_examples]
+    train_tok, dropped = tokenize(train_ex, tokenizer, data.max_length, data.on_long, data.path)
+    if dropped.count:
+        log.warning("%s; dropped", dropped.describe(data.path, data.max_length))
+    eval_tok, _ = tokenize(eval_ex, tokenizer, data.max_length, "drop", data.eval_path or data.path)
+    kept_eval = {t.line for t in eval_tok}
+    eval_ex = [e for e in eval_ex if e.line in kept_eval]
+    return PreparedData(train_ex, eval_ex, train_tok, eval_tok, source, dropped)
+
+
+def attach_lora(model, config: TrainConfig, n_layers: int):
+    """Wrap the frozen base with trainable LoRA matrices; only A and B require grad."""
+    lora = config.lora
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    layers = list(range(n_layers - lora.last_layers, n_layers)) if lora.last_layers else None
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def make_optimizer(model, config: TrainConfig, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if device.type == "cuda":
+        import bitsandbytes as bnb
+
+        # QLoRA's paged optimizer: its state pages out to CPU memory under pressure.
+        return bnb.optim.PagedAdamW8bit(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    return torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+
+
+def count_steps(n_batches: int, config: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_epoch = max(1, math.ceil(n_batches / config.optim.grad_accum))
+    total = config.optim.max_steps or max(1, math.ceil(per_epoch * config.optim.epochs))
+    return per_epoch, total
+
+
+def config_digest(config: TrainConfig) -> str:
+    """What must not change between a run and its resumption (the schedule and the data order)."""
+    relevant = config_to_dict(config)
+    for key in ("resume", "checkpoint_every", "log_every", "store_dir"):
+        relevant.pop(key)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult:
+    """Train one adapter and publish it in the store. Nothing is written before data and settings check out."""
+    store = store or AdapterStore(config.store_dir)
+    set_seed(config.seed)
+    check_lora_fits_base(config.lora, config.base.path)
+    tokenizer, _ = load_tokenizer(config.base.path)
+    data = prepare_data(config, tokenizer)
+
+    accelerator = Accelerator()
+    base = load_base(config.base)
+    n_layers = base.model.config.num_hidden_layers
+    model = attach_lora(base.model, config, n_layers)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = _count_params(model)
+    optimizer = make_optimizer(model, config, base.device)
+
+    batches_per_epoch = len(length_grouped_batches([len(t.input_ids) for t in data.train], config.optim.micro_batch_size, 0))
+    steps_per_epoch, total_steps = count_steps(math.ceil(batches_per_epoch / accelerator.num_processes), config)
+    scheduler = get_scheduler(
+        config.optim.schedule,
+        optimizer,
+        num_warmup_steps=int(config.optim.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    run_dir = Path(config.runs_dir) / config.name / "checkpoints"
+    progress = Progress(config_digest=config_digest(config))
+    if config.resume:
+        progress = _resume(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.config_digest)
+
+    pad_id = tokenizer.pad_token_id
+    device = accelerator.device
+    started = time.perf_counter() - progress.elapsed_s
+    bar = tqdm(total=total_steps, initial=progress.step, desc=config.name, disable=not accelerator.is_main_process)
+    model.train()
+    while progress.step < total_steps:
+        # The epoch's batch order depends only on (seed, epoch): a resumed run sees the same order.
+        order = length_grouped_batches([len(t.input_ids) for t in data.train], config.optim.micro_batch_size, config.seed + progress.epoch)
+        order = order[accelerator.process_index :: accelerator.num_processes]
+        steps = [order[i : i + config.optim.grad_accum] for i in range(0, len(order), config.optim.grad_accum)]
+        for window in steps[progress.step_in_epoch :]:
+            micro = [collate([data.train[i] for i in batch], pad_id) for batch in window]
+            window_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+            step_loss = 0.0
+            for j, batch in enumerate(micro):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = j == len(micro) - 1
+                with accelerator.no_sync(model) if not sync else nullcontext():
+                    loss_sum, _ = token_loss_sum(model, batch)
+                    accelerator.backward(loss_sum / window_tokens)
+                step_loss += float(loss_sum)
+                progress.tokens += int(batch["attention_mask"].sum())
+            if config.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.step_in_epoch += 1
+            loss_value = step_loss / window_tokens
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{progress.tokens / elapsed:.0f}")
+            if progress.step % config.log_every == 0 or progress.step == 1:
+                progress.history.append({"step": progress.step, "train_loss": round(loss_value, 5)})
+            progress.last_loss = loss_value
+            if progress.step >= total_steps:
+                break
+            if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and accelerator.is_main_process:
+                progress.elapsed_s = elapsed
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress)
+        else:
+            # The epoch ran out before the step budget: score it, then start the next one.
+            _end_of_epoch(model, tokenizer, data, progress, device, accelerator)
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+            continue
+        break
+    bar.close()
+    progress.elapsed_s = time.perf_counter() - started
+    final_eval = eval_loss(model, data.eval, pad_id, config.optim.micro_batch_size, device)
+    progress.history.append({"step": progress.step, "eval_loss": round(final_eval, 5)})
+
+    unwrapped: PeftModel = accelerator.unwrap_model(model)
+    metric = _score(unwrapped, tokenizer, data.eval_examples, device)
+    card = _build_card(config, base, data, progress, steps_per_epoch, trainable, total_params, final_eval, metric)
+    if not accelerator.is_main_process:
+        return TrainResult(store.path(config.name), card)
+    if config.checkpoint_every:
+        save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress)
+    path = save_adapter(store, unwrapped, tokenizer, card)
+    log.info("saved adapter %s: exact match base %.3f -> adapter %.3f", path, metric.base, metric.adapter)
+    return TrainResult(path, card)
+
+
+def _resume(run_dir: Path, model, optimizer, scheduler, digest: str) -> Progress:
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+    progress = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    if progress.config_digest != digest:
+        raise ConfigError(f"--resume: {checkpoint} was written with different settings; start a new run or use the same ones")
+    log.info("resumed from %s at step %d", checkpoint, progress.step)
+    return progress
+
+
+def _end_of_epoch(model, tokenizer, data: PreparedData, progress: Progress, device, accelerator) -> None:
+    """Eval loss and the task metric (with the adapter) at the end of an epoch, into the history."""
+    loss = eval_loss(model, data.eval, tokenizer.pad_token_id, 32, device)
+    score = exact_match(accelerator.unwrap_model(model), tokenizer, data.eval_examples, device).score
+    progress.history.append({"step": progress.step, "eval_loss": round(loss, 5), "exact_match": score, "epoch": progress.epoch + 1})
+    if accelerator.is_main_process:
+        tqdm.write(f"epoch {progress.epoch + 1}: eval loss {loss:.4f}, exact match {score:.3f}")
+
+
+def _score(model: PeftModel, tokenizer, examples: list[Example], device) -> MetricInfo:
+    """The task metric with the adapter and with the base alone, on the same eval examples."""
+    with_adapter = exact_match(model, tokenizer, examples, device).score
+    with model.disable_adapter():
+        base_alone = exact_match(model, tokenizer, examples, device).score
+    return MetricInfo("exact_match", base=base_alone, adapter=with_adapter, eval_examples=len(examples))
+
+
+def _count_params(model) -> int:
+    """Parameters as the model holds them unpacked: a 4-bit matrix counts its full shape, not its bytes."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(p, "quant_state", None)
+        total += int(torch.Size(shape.shape).numel()) if shape is not None else p.numel()
+    return total
+
+
+def _versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress, steps_per_epoch: int, trainable: int, total: int, final_eval: float, metric: MetricInfo) -> AdapterCard:
+    digest, size = file_digest(config.data.path)
+    arch = (base.model.config.architectures or [type(base.model).__name__])[0]
+    return AdapterCard(
+        name=config.name,
+        task=config.data.task,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        base=BaseInfo(config.base.path, base.fingerprint, arch, base.quantization),
+        lora=LoraInfo(config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.target_modules, config.lora.last_layers, trainable, total),
+        dataset=DatasetInfo(config.data.path, digest, size, len(data.train), len(data.eval_examples), data.eval_source, data.dropped.count),
+        training=TrainingInfo(
+            epochs=round(progress.step / steps_per_epoch, 3),
+            steps=progress.step,
+            learning_rate=config.optim.lr,
+            batch_size=config.optim.micro_batch_size * config.optim.grad_accum,
+            max_length=config.data.max_length,
+            seed=config.seed,
+            duration_s=round(progress.elapsed_s, 2),
+            tokens_per_s=round(progress.tokens / max(progress.elapsed_s, 1e-9), 1),
+            train_loss=round(progress.last_loss, 5),
+            eval_loss=round(final_eval, 5),
+            history=progress.history,
+        ),
+        metric=metric,
+        versions=_versions(),
+    )
