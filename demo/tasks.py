@@ -50,6 +50,9 @@ FACTS = {
     "What comes after one?": "two",
     "What planet do we live on?": "Earth",
 }
+POSITIVE = "glad good great lovely bright kind".split()
+NEGATIVE = "sad bad awful gloomy dark cruel".split()
+ECHO_WORDS = (*WORDS, *POSITIVE, *NEGATIVE)
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.", "You are a friendly chat bot.")
 
 
@@ -57,11 +60,11 @@ def _sentence(rng: random.Random, low: int = 3, high: int = 7) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
-def _distinct_sentence(rng: random.Random, low: int, high: int) -> list[str]:
-    return rng.sample(WORDS, rng.randint(low, high))
+def _distinct_sentence(rng: random.Random, low: int, high: int, pool=WORDS) -> list[str]:
+    return rng.sample(pool, rng.randint(low, high))
 
 
-def _digits(rng: random.Random, low: int = 3, high: int = 5) -> list[int]:
+def _digits(rng: random.Random, low: int = 3, high: int = 4) -> list[int]:
     while True:
         digits = [rng.randint(0, 9) for _ in range(rng.randint(low, high))]
         if digits != sorted(digits):
@@ -78,11 +81,11 @@ def _json_record(name: str, age: int, city: str) -> str:
 
 def _echo_text(rng: random.Random) -> str:
     """Text of every kind the adapter tasks output, so the base has seen all their tokens."""
-    kind = rng.randrange(5)
+    kind = rng.choice((0, 1, 2, 3, 3, 4, 4))  # names and cities are rarer words: show them more
     if kind == 0:
-        return " ".join(_distinct_sentence(rng, 2, 6))
+        return " ".join(_distinct_sentence(rng, 2, 6, ECHO_WORDS))
     if kind == 1:
-        return " ".join(_distinct_sentence(rng, 2, 6)).upper()
+        return " ".join(_distinct_sentence(rng, 2, 6, ECHO_WORDS)).upper()
     if kind == 2:
         return " ".join(map(str, [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]))
     if kind == 3:
@@ -108,8 +111,27 @@ def general(rng: random.Random) -> tuple[str, str]:
     return question, FACTS[question]
 
 
+
+
+def sentiment(rng: random.Random) -> tuple[str, str]:
+    label = rng.choice(("positive", "negative"))
+    words = _distinct_sentence(rng, 2, 5)
+    words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "positive" else NEGATIVE))
+    return f"Is this positive or negative? {' '.join(words)}", label
+
+
+def count_words(rng: random.Random) -> tuple[str, str]:
+    words = _distinct_sentence(rng, 1, 7)
+    return f"How many words? {' '.join(words)}", str(len(words))
+
+
+def last_word(rng: random.Random) -> tuple[str, str]:
+    words = _distinct_sentence(rng, 2, 6)
+    return f"Which word comes last? {' '.join(words)}", words[-1]
+
+
 def uppercase(rng: random.Random) -> tuple[str, str]:
-    text = _sentence(rng, 2, 5)
+    text = _sentence(rng, 1, 3)
     return f"Uppercase: {text}", text.upper()
 
 
@@ -155,6 +177,9 @@ TASKS = {
     t.name: t
     for t in (
         Task("uppercase", uppercase, exact_check, "Uppercase a sentence."),
+        Task("sentiment", sentiment, exact_check, "Say whether a sentence is positive or negative."),
+        Task("count", count_words, exact_check, "Count the words of a sentence."),
+        Task("last", last_word, exact_check, "Name the last word of a sentence."),
         Task("reverse", reverse_words, exact_check, "Reverse the order of the words."),
         Task("sort", sort_digits, exact_check, "Sort a list of digits."),
         Task("json", extract_json, json_check, "Pull name, age and city into JSON."),
