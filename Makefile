@@ -21,7 +21,7 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: setup base data demo-adapters train params-table test demo serve clean-demo help
+.PHONY: setup base data demo-adapters train params-table test demo verify clean-demo help
 
 help:
 	@echo "make demo            set up, build the demo base and adapters if missing, serve"
@@ -30,6 +30,7 @@ help:
 	@echo "make demo-adapters   train one adapter per demo task"
 	@echo "make train NAME=... DATA=... [BASE= R= ALPHA= LR= EPOCHS= ...]"
 	@echo "make params-table    the talk's trainable-parameter table, idealised and exact"
+	@echo "make verify          reload every stored adapter with plain peft and recompute its metric"
 
 # torch first, pinned: the CPU build on this machine's disk; an open range would pull CUDA.
 $(VENV)/.installed: pyproject.toml
@@ -68,9 +69,12 @@ params-table: setup
 test: setup
 	$(PY) -m pytest -q
 
+verify: setup
+	$(PY) -m train.verify --adapters $(ADAPTERS_DIR)
+
 demo: setup $(BASE)/config.json demo-adapters
-	@echo "Demo base and adapters are ready:"
-	@$(PY) -c "from adapters import AdapterStore, read_card; s = AdapterStore(); [print(f'  {n}: exact match {read_card(s.path(n)).metric.base:.2f} (base) -> {read_card(s.path(n)).metric.adapter:.2f} (adapter)') for n in s.names()]"
+	@echo "Demo base and adapters are ready; each reloaded with plain peft and scored again:"
+	@$(PY) -m train.verify --adapters $(ADAPTERS_DIR) 2>/dev/null
 	@echo "The server (serve/) is not built yet: see issues 3 and 4."
 
 clean-demo:

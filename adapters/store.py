@@ -30,6 +30,12 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"base"}
 
 
+def _version_name() -> str:
+    """Sortable by time of publication, to the nanosecond: 20261126-203000.123456789."""
+    now = time.time_ns()
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}"
+
+
 class AdapterNameError(ValueError):
     """A name that could be a path or is otherwise not a valid adapter name."""
 
@@ -102,14 +108,14 @@ class AdapterStore:
         self._publish(name, staging)
 
     def _publish(self, name: str, staging: Path) -> None:
-        version = time.strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:6]}"
-        final = self.root / ".versions" / name / version
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
         link = self.root / name
+        versions = self.root / ".versions" / name
+        versions.mkdir(parents=True, exist_ok=True)
         if link.is_dir() and not link.is_symlink():
             # A folder dropped in by hand: keep it as the previous version.
-            os.replace(link, final.parent / f"{version}-previous-folder")
+            os.replace(link, versions / _version_name())
+        final = versions / _version_name()
+        os.replace(staging, final)
         tmp_link = self.root / f".{name}.{uuid.uuid4().hex[:8]}.link"
         tmp_link.symlink_to(final.relative_to(self.root), target_is_directory=True)
         os.replace(tmp_link, link)  # the one atomic step readers can observe

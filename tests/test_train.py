@@ -25,7 +25,7 @@ EXPECTED_FILES = {"adapter_config.json", "adapter_model.safetensors", "chat_temp
 
 def toy_args(base: Path, data: Path, tmp_path: Path, *extra: str) -> list[str]:
     return ["--name", "toy", "--base", str(base), "--data", str(data), "--eval-data", str(data.parent / "eval.jsonl"),
-            "--r", "8", "--alpha", "16", "--lr", "1e-2", "--epochs", "10", "--micro-batch-size", "8",
+            "--r", "8", "--alpha", "16", "--lr", "5e-3", "--epochs", "10", "--micro-batch-size", "8",
             "--runs-dir", str(tmp_path / "runs"), "--adapters", str(tmp_path / "store"), *extra]
 
 
@@ -125,7 +125,7 @@ def test_retraining_replaces_the_adapter_and_keeps_the_previous_version(tiny_bas
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tiny_base, toy_task, tmp_path, monkeypatch):
-    args = ["--max-steps", "6", "--checkpoint-every", "2", "--dropout", "0.1", "--epochs", "1"]
+    args = ["--max-steps", "6", "--checkpoint-every", "2", "--dropout", "0.1", "--epochs", "1", "--log-every", "1"]
     whole = loop.train(config_from_args(toy_args(tiny_base, toy_task, tmp_path / "a", *args)))
     rng_whole = torch.get_rng_state()
 
@@ -148,7 +148,10 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_base, toy_task, tmp_path,
     resumed = loop.train(config_from_args(toy_args(tiny_base, toy_task, tmp_path / "b", *args, "--resume")))
     assert resumed.card.training.steps == whole.card.training.steps == 6
     assert resumed.card.training.train_loss == pytest.approx(whole.card.training.train_loss, abs=1e-6)
-    assert [h for h in resumed.card.training.history] == pytest.approx(whole.card.training.history)
+    history, expected = resumed.card.training.history, whole.card.training.history
+    assert [sorted(h) for h in history] == [sorted(h) for h in expected] and len(history) == 7
+    for got, want in zip(history, expected):
+        assert {k: pytest.approx(v, abs=1e-6) for k, v in want.items()} == got
     assert torch.equal(torch.get_rng_state(), rng_whole)
 
 
