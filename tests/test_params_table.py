@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -29,6 +29,7 @@ from adapters.store import AdapterStore
 from train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import LoraSettings, TrainConfig, config_to_dict
 from train.data import (
+    IGNORE_INDEX,
     Example,
     LongExamples,
     Tokenized,
@@ -167,7 +168,8 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     total_params = _count_params(model)
     optimizer = make_optimizer(model, config, base.device)
 
-    batches_per_epoch = len(length_grouped_batches([len(t.input_ids) for t in data.train], config.optim.micro_batch_size, 0))
+    lengths = [len(t.input_ids) for t in data.train]
+    batches_per_epoch = len(length_grouped_batches(lengths, config.optim.micro_batch_size, 0))
     steps_per_epoch, total_steps = count_steps(math.ceil(batches_per_epoch / accelerator.num_processes), config)
     scheduler = get_scheduler(
         config.optim.schedule,
@@ -189,21 +191,12 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     model.train()
     while progress.step < total_steps:
         # The epoch's batch order depends only on (seed, epoch): a resumed run sees the same order.
-        order = length_grouped_batches([len(t.input_ids) for t in data.train], config.optim.micro_batch_size, config.seed + progress.epoch)
+        order = length_grouped_batches(lengths, config.optim.micro_batch_size, config.seed + progress.epoch)
         order = order[accelerator.process_index :: accelerator.num_processes]
         steps = [order[i : i + config.optim.grad_accum] for i in range(0, len(order), config.optim.grad_accum)]
         for window in steps[progress.step_in_epoch :]:
             micro = [collate([data.train[i] for i in batch], pad_id) for batch in window]
-            window_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
-            step_loss = 0.0
-            for j, batch in enumerate(micro):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                sync = j == len(micro) - 1
-                with accelerator.no_sync(model) if not sync else nullcontext():
-                    loss_sum, _ = token_loss_sum(model, batch)
-                    accelerator.backward(loss_sum / window_tokens)
-                step_loss += float(loss_sum)
-                progress.tokens += int(batch["attention_mask"].sum())
+            loss_value = _accumulate_gradients(model, micro, accelerator, progress)
             if config.optim.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
             optimizer.step()
@@ -211,7 +204,6 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.step_in_epoch += 1
-            loss_value = step_loss / window_tokens
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{progress.tokens / elapsed:.0f}")
@@ -245,6 +237,25 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     path = save_adapter(store, unwrapped, tokenizer, card)
     log.info("saved adapter %s: exact match base %.3f -> adapter %.3f", path, metric.base, metric.adapter)
     return TrainResult(path, card)
+
+
+def _accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, progress: Progress) -> float:
+    """Backward over one optimizer step's micro-batches; returns the step's loss per target token.
+
+    Each micro-batch's summed loss is divided by the whole window's target-token count, so the
+    accumulated gradient is the same as one big batch's. DDP syncs only on the last micro-batch.
+    """
+    window_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+    total = 0.0
+    for j, batch in enumerate(micro):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = j == len(micro) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss_sum, _ = token_loss_sum(model, batch)
+            accelerator.backward(loss_sum / window_tokens)
+        total += loss_sum.detach().item()
+        progress.tokens += int(batch["attention_mask"].sum())
+    return total / window_tokens
 
 
 def _resume(run_dir: Path, model, optimizer, scheduler, digest: str) -> Progress:
