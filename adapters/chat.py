@@ -34,18 +34,19 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
-def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> str:
-    """The conversation as text, through the tokenizer's chat template."""
+def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool, template: str | None = None) -> str:
+    """The conversation as text, through `template` or else the tokenizer's chat template."""
     return tokenizer.apply_chat_template(
         [m.as_dict() for m in messages],
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
+        chat_template=template,
     )
 
 
-def encode_prompt(tokenizer, messages: Sequence[Message]) -> list[int]:
+def encode_prompt(tokenizer, messages: Sequence[Message], template: str | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant's turn opening (what `generate` sees)."""
-    text = render(tokenizer, messages, add_generation_prompt=True)
+    text = render(tokenizer, messages, add_generation_prompt=True, template=template)
     # The template already writes BOS where the model wants it; adding special tokens here
     # would put a second one in front.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
