@@ -21,16 +21,18 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: setup base data demo-adapters train params-table test demo verify clean-demo help
+.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve serve-list clean-demo help
 
 help:
-	@echo "make demo            set up, build the demo base and adapters if missing, serve"
+	@echo "make demo            set up, build the demo base and adapters if missing, check them"
 	@echo "make test            run the test suite (CPU)"
 	@echo "make base            train the demo base model (models/demo-base)"
 	@echo "make demo-adapters   train one adapter per demo task"
 	@echo "make train NAME=... DATA=... [BASE= R= ALPHA= LR= EPOCHS= ...]"
 	@echo "make params-table    the talk's trainable-parameter table, idealised and exact"
 	@echo "make verify          reload every stored adapter with plain peft and recompute its metric"
+	@echo "make serve-list      servable and rejected adapters (python -m serve list / chat)"
+	@echo "make bench-serve     the engine vs one-at-a-time set_adapter serving (bench/results/serve.json)"
 
 # torch first, pinned: the CPU build on this machine's disk; an open range would pull CUDA.
 $(VENV)/.installed: pyproject.toml
@@ -68,6 +70,12 @@ params-table: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+bench-serve: setup $(BASE)/config.json demo-adapters
+	$(PY) -m bench.serve --base $(BASE) --adapters $(ADAPTERS_DIR)
+
+serve-list: setup
+	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) list
 
 verify: setup
 	$(PY) -m train.verify --adapters $(ADAPTERS_DIR)

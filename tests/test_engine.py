@@ -188,3 +188,23 @@ def test_rejected_adapters_have_reasons_and_the_rest_keep_serving(served, tiny_b
     engine = new_engine(tiny_base, registry)
     results = engine.generate([request("good"), request("pickled")])
     assert results[0].error is None and "rejected: pickled weights" in results[1].error
+
+
+def test_scheduler_batches_concurrent_callers_and_keeps_each_answer(served, tiny_base):
+    from serve.scheduler import Scheduler
+
+    _, _, registry = served
+    engine = new_engine(tiny_base, registry, 4)
+    names = ["base", "a", "b", "c", "d"]
+    expected = texts(engine, [request(n, PROMPTS[1]) for n in names])
+    batches = []
+    real_generate = engine.generate
+    engine.generate = lambda reqs: batches.append(len(reqs)) or real_generate(reqs)
+    scheduler = Scheduler(engine, gather_s=0.05)
+    try:
+        futures = [scheduler.submit(request(n, PROMPTS[1])) for n in names]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        scheduler.close()
+    assert [r.text for r in results] == expected
+    assert sum(batches) == 5 and len(batches) < 5  # gathered, not one call per request

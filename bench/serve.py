@@ -1,0 +1,170 @@
+"""`make bench-serve`: the engine against the one-at-a-time `set_adapter` baseline, in one run.
+
+Writes bench/results/serve.json and prints a table:
+  throughput_ratio       generated tokens/s, 16 concurrent requests over 4 adapters: engine / baseline
+  adapter_latency_ratio  per-token decode latency at batch 1: with an adapter / the base alone
+  hot_load_s             a new adapter folder published -> its first reply served
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
+from serve.engine import ChatRequest, Engine, SamplingParams
+from serve.registry import AdapterRegistry
+from serve.scheduler import Scheduler
+
+PROMPTS = {
+    "sentiment": "Is this positive or negative? the kind farmer sings",
+    "count": "How many words? red cat sits near the river",
+    "last": "Which word comes last? moon ship lamp king",
+    "json": "Extract name, age and city as JSON: Ana is 34 and lives in Lima.",
+}
+
+
+def requests_for(names: list[str], n: int, max_new: int) -> list[ChatRequest]:
+    return [ChatRequest(names[i % len(names)], (Message("user", PROMPTS[names[i % len(names)]]),),
+                        SamplingParams(max_new_tokens=max_new)) for i in range(n)]
+
+
+def run_engine(engine: Engine, requests: list[ChatRequest]) -> tuple[list[str], int, float]:
+    """16 client threads submit at once; the scheduler batches them."""
+    scheduler = Scheduler(engine, gather_s=0.01)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(scheduler.generate, requests))
+    elapsed = time.perf_counter() - start
+    scheduler.close()
+    return [r.text for r in results], sum(r.new_tokens for r in results), elapsed
+
+
+def run_baseline(base_path: str, store: AdapterStore, names: list[str], requests: list[ChatRequest]) -> tuple[list[str], int, float]:
+    """What a plain peft server does: one shared model, set_adapter under a lock, one request at a time."""
+    base = load_base(BaseConfig(base_path))
+    model = PeftModel.from_pretrained(base.model, str(store.path(names[0])), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(store.path(name)), adapter_name=name)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[base.tokenizer.pad_token_id] * 2]))  # same warm-up as the engine
+    tokenizer, lock = base.tokenizer, threading.Lock()
+    from adapters.chat import encode_prompt
+
+    def serve_one(request: ChatRequest) -> tuple[str, int]:
+        ids = torch.tensor([encode_prompt(tokenizer, request.messages)])
+        with lock, torch.no_grad():
+            model.set_adapter(request.adapter)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=request.params.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(serve_one, requests))
+    elapsed = time.perf_counter() - start
+    return [t for t, _ in results], sum(n for _, n in results), elapsed
+
+
+def decode_latency(engine: Engine, adapter: str, tokens: int, repeats: int) -> float:
+    """Seconds per generated token at batch 1, generation forced to `tokens` tokens (no early EOS)."""
+    entry = engine.registry.resolve(adapter)
+    if entry is not None:
+        engine._make_resident([entry])
+    model = engine._model
+    name = entry.key if entry else "__base__"
+    ids = torch.tensor([[engine.base.tokenizer.bos_token_id, 5, 6, 7]])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, adapter_names=[name], pad_token_id=engine.base.tokenizer.pad_token_id)
+        best = min(best, (time.perf_counter() - start) / tokens)
+    return best
+
+
+def hot_load(engine: Engine, store: AdapterStore, source: str) -> float:
+    """Publish a copy of an adapter under a new name; time until its first reply is served."""
+    import shutil
+
+    name = "hot-load-probe"
+    registry = engine.registry
+    registry.watch(interval_s=0.05)
+    try:
+        with store.write(name) as folder:
+            for file in store.path(source).iterdir():
+                shutil.copy(file, folder / file.name)
+        published = time.perf_counter()
+        while name not in registry.available():
+            time.sleep(0.01)
+        request = ChatRequest(name, (Message("user", PROMPTS[source]),), SamplingParams(max_new_tokens=1))
+        result = engine.generate([request])[0]
+        assert result.error is None, result.error
+        return time.perf_counter() - published
+    finally:
+        registry.close()
+        store.delete(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="models/demo-base")
+    parser.add_argument("--adapters", default=None)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--out", default="bench/results/serve.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    store = AdapterStore(args.adapters)
+    names = [n for n in PROMPTS if store.exists(n)]
+    if len(names) < 4:
+        raise SystemExit(f"need the four demo adapters {list(PROMPTS)} in {store.root}: run make demo-adapters")
+    base = load_base(BaseConfig(args.base))
+    registry = AdapterRegistry(store, BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    engine = Engine(base, registry, max_loaded=8)
+    requests = requests_for(names, args.requests, args.max_new_tokens)
+    run_engine(engine, requests[:4])  # load the adapters once, as a running server has
+    ours, our_tokens, our_s = run_engine(engine, requests)
+    theirs, their_tokens, their_s = run_baseline(args.base, store, names, requests)
+    with_adapter = decode_latency(engine, names[0], 32, 5)
+    base_alone = decode_latency(engine, "base", 32, 5)
+    results = {
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
+        "base": args.base,
+        "requests": args.requests,
+        "adapters": names,
+        "engine_tokens_per_s": round(our_tokens / our_s, 1),
+        "baseline_tokens_per_s": round(their_tokens / their_s, 1),
+        "throughput_ratio": round((our_tokens / our_s) / (their_tokens / their_s), 2),
+        "same_outputs": ours == theirs,
+        "decode_s_per_token_adapter": round(with_adapter, 5),
+        "decode_s_per_token_base": round(base_alone, 5),
+        "adapter_latency_ratio": round(with_adapter / base_alone, 3),
+        "hot_load_s": round(hot_load(engine, store, names[0]), 3),
+        "targets": {"throughput_ratio": ">= 4", "adapter_latency_ratio": "<= 1.15", "hot_load_s": "<= 1"},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    for key in ("machine", "engine_tokens_per_s", "baseline_tokens_per_s", "throughput_ratio", "same_outputs",
+                "adapter_latency_ratio", "hot_load_s"):
+        print(f"{key:<24} {results[key]}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`python -m serve list` and `python -m serve chat --adapter NAME "message"`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
+from serve.engine import ChatRequest, Engine, SamplingParams
+from serve.registry import AdapterRegistry
+
+
+def build_registry(args) -> tuple[AdapterRegistry, object]:
+    base = load_base(BaseConfig(args.base, quantize=not args.no_quant))
+    registry = AdapterRegistry(AdapterStore(args.adapters), BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    return registry, base
+
+
+def cmd_list(args) -> int:
+    registry, _ = build_registry(args)
+    print(f"{'name':<20} {'task':<12} {'rank':>4}  {'exact match (base -> adapter)'}")
+    for entry in registry.servable():
+        card = entry.card
+        metric = f"{card.metric.base:.3f} -> {card.metric.adapter:.3f}" if card and card.metric else "-"
+        print(f"{entry.name:<20} {(card.task if card else '-'):<12} {entry.rank:>4}  {metric}")
+    for rejection in registry.rejected():
+        print(f"{rejection.name:<20} REJECTED: {rejection.reason}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    registry, base = build_registry(args)
+    engine = Engine(base, registry)
+    messages = ((Message("system", args.system),) if args.system else ()) + (Message("user", args.message),)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    (result,) = engine.generate([ChatRequest(args.adapter, messages, params)])
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 2
+    print(result.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve", description="Serve QLoRA adapters on one 4-bit base.")
+    parser.add_argument("--base", default="models/demo-base", help="Base model folder or hub id.")
+    parser.add_argument("--adapters", default=None, help="Adapter store (default: $ADAPTERS_DIR or adapters/store).")
+    parser.add_argument("--no-quant", action="store_true", help="Load the base unquantized.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="Servable adapters, and rejected ones with their reasons.")
+    chat = sub.add_parser("chat", help="One reply from one adapter ('base' for none).")
+    chat.add_argument("message")
+    chat.add_argument("--adapter", default="base")
+    chat.add_argument("--system", default=None)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    return {"list": cmd_list, "chat": cmd_chat}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
