@@ -83,14 +83,13 @@ class AdapterRegistry:
         found = self._scan_names()
         added, replaced, rejected = [], [], []
         with self._lock:
-            known = dict(self._entries)
+            known, refused = dict(self._entries), dict(self._rejected)
         for name, folder in found.items():
             current = known.get(name)
             if current is not None and current.path == folder:
                 continue
-            old_rejection = self._rejected.get(name)
-            if old_rejection is not None and old_rejection[0] == folder:
-                continue
+            if name in refused and refused[name][0] == folder:
+                continue  # the same folder was refused before: not checked again
             entry, rejection = self._register(name, folder)
             with self._lock:
                 if entry is not None:
