@@ -22,7 +22,7 @@ from peft import PeftModel
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
-from serve.scheduler import Scheduler
+from serve.batcher import ContinuousBatcher
 
 PROMPTS = {
     "sentiment": "Is this positive or negative? the kind farmer sings",
@@ -38,13 +38,13 @@ def requests_for(names: list[str], n: int, max_new: int) -> list[ChatRequest]:
 
 
 def run_engine(engine: Engine, requests: list[ChatRequest]) -> tuple[list[str], int, float]:
-    """16 client threads submit at once; the scheduler batches them."""
-    scheduler = Scheduler(engine, gather_s=0.01)
+    """16 client threads submit at once; the decode loop batches them step by step."""
+    batcher = ContinuousBatcher(engine)
     start = time.perf_counter()
     with ThreadPoolExecutor(len(requests)) as pool:
-        results = list(pool.map(scheduler.generate, requests))
+        results = list(pool.map(batcher.generate, requests))
     elapsed = time.perf_counter() - start
-    scheduler.close()
+    batcher.close()
     return [r.text for r in results], sum(r.new_tokens for r in results), elapsed
 
 

@@ -230,7 +230,7 @@ class Engine:
         if eos in tokens:
             tokens = tokens[: tokens.index(eos)]
         text = self.base.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        for stop in params.stop:
-            if stop and stop in text:
-                text = text[: text.index(stop)]
+        hits = [text.index(stop) for stop in params.stop if stop and stop in text]
+        if hits:
+            text = text[: min(hits)].strip()
         return ChatResult(entry.name if entry else "base", text, len(tokens))

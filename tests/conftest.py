@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
+from serve.engine import ChatRequest, Engine, SamplingParams
+from serve.registry import AdapterRegistry
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -65,3 +71,47 @@ def toy_task(tmp_path) -> Path:
     rows = [chat(f"Color of {animal}?", color) for animal, color in colors.items()] * 20
     write_jsonl(tmp_path / "toy" / "eval.jsonl", [chat(f"Color of {a}?", c) for a, c in colors.items()])
     return write_jsonl(tmp_path / "toy" / "train.jsonl", rows)
+
+
+# -- serving: a store of random adapters on the tiny base ---------------------------------
+
+PROMPTS = ["Color of cat?", "Say this back: red hill", "What is 3 + 4?", "Echo: the big dog"]
+
+
+def random_adapter(base_path: Path, seed: int):
+    """A LoRA with random A and B (init_lora_weights=False): its outputs differ from the base's."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def save_random_adapter(store: AdapterStore, name: str, base_path: Path, seed: int, model=None) -> None:
+    model = model or random_adapter(base_path, seed)
+    with store.write(name) as folder:
+        model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, tmp_path_factory):
+    store = AdapterStore(tmp_path_factory.mktemp("store"))
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        save_random_adapter(store, name, tiny_base, seed=i + 10)
+    base = load_base(BaseConfig(str(tiny_base)))
+    registry = AdapterRegistry(store, BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    return store, base, registry
+
+
+def new_engine(tiny_base, registry, max_loaded: int = 4) -> Engine:
+    """An engine on its own copy of the base: peft injects adapters into the model it wraps."""
+    return Engine(load_base(BaseConfig(str(tiny_base))), registry, max_loaded=max_loaded)
+
+
+def request(adapter: str, prompt: str = PROMPTS[0], **params) -> ChatRequest:
+    return ChatRequest(adapter, (Message("user", prompt),), SamplingParams(**{"max_new_tokens": 6, **params}))
+
+
+def texts(engine: Engine, requests) -> list[str]:
+    results = engine.generate(requests)
+    assert all(r.error is None for r in results), results
+    return [r.text for r in results]

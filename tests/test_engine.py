@@ -5,58 +5,11 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from pathlib import Path
 
-import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-
-from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
-from serve.engine import AdapterCache, ChatRequest, Engine, SamplingParams
+from adapters import AdapterStore, BaseShape, Message
+from serve.engine import AdapterCache, ChatRequest, SamplingParams
 from serve.registry import AdapterRegistry
-
-PROMPTS = ["Color of cat?", "Say this back: red hill", "What is 3 + 4?", "Echo: the big dog"]
-
-
-def random_adapter(base_path: Path, seed: int):
-    """A LoRA with random A and B (init_lora_weights=False): its outputs differ from the base's."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_path)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-
-
-def save_random_adapter(store: AdapterStore, name: str, base_path: Path, seed: int, model=None) -> None:
-    model = model or random_adapter(base_path, seed)
-    with store.write(name) as folder:
-        model.save_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def served(tiny_base, tmp_path_factory):
-    store = AdapterStore(tmp_path_factory.mktemp("store"))
-    for i, name in enumerate(["a", "b", "c", "d"]):
-        save_random_adapter(store, name, tiny_base, seed=i + 10)
-    base = load_base(BaseConfig(str(tiny_base)))
-    registry = AdapterRegistry(store, BaseShape.of(base.model, base.fingerprint))
-    registry.refresh()
-    return store, base, registry
-
-
-def new_engine(tiny_base, registry, max_loaded: int = 4) -> Engine:
-    """An engine on its own copy of the base: peft injects adapters into the model it wraps."""
-    return Engine(load_base(BaseConfig(str(tiny_base))), registry, max_loaded=max_loaded)
-
-
-def request(adapter: str, prompt: str = PROMPTS[0], **params) -> ChatRequest:
-    return ChatRequest(adapter, (Message("user", prompt),), SamplingParams(max_new_tokens=6, **params))
-
-
-def texts(engine: Engine, requests) -> list[str]:
-    results = engine.generate(requests)
-    assert all(r.error is None for r in results), results
-    return [r.text for r in results]
-
+from tests.conftest import PROMPTS, new_engine, random_adapter, request, save_random_adapter, texts
 
 def test_mixed_batch_equals_each_request_alone(served, tiny_base):
     _, _, registry = served
@@ -189,22 +142,3 @@ def test_rejected_adapters_have_reasons_and_the_rest_keep_serving(served, tiny_b
     results = engine.generate([request("good"), request("pickled")])
     assert results[0].error is None and "rejected: pickled weights" in results[1].error
 
-
-def test_scheduler_batches_concurrent_callers_and_keeps_each_answer(served, tiny_base):
-    from serve.scheduler import Scheduler
-
-    _, _, registry = served
-    engine = new_engine(tiny_base, registry, 4)
-    names = ["base", "a", "b", "c", "d"]
-    expected = texts(engine, [request(n, PROMPTS[1]) for n in names])
-    batches = []
-    real_generate = engine.generate
-    engine.generate = lambda reqs: batches.append(len(reqs)) or real_generate(reqs)
-    scheduler = Scheduler(engine, gather_s=0.05)
-    try:
-        futures = [scheduler.submit(request(n, PROMPTS[1])) for n in names]
-        results = [f.result(timeout=60) for f in futures]
-    finally:
-        scheduler.close()
-    assert [r.text for r in results] == expected
-    assert sum(batches) == 5 and len(batches) < 5  # gathered, not one call per request

@@ -1,0 +1,268 @@
+"""Iteration-level batching: one decode loop for all running requests, whatever their adapter.
+
+Every step the loop (1) admits waiting requests: their prompts are prefilled as one mixed
+batch and their KV caches joined to the running batch, and (2) decodes one token for every
+running request, each row through its own adapter (`adapter_names`). A request that arrives
+while others generate joins at the next step instead of waiting for the longest one to end;
+a finished request leaves the batch at once. Tokens stream to each caller as they come.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from serve.engine import BASE_ROW, ChatRequest, ChatResult, Engine, SamplingParams
+from serve.registry import AdapterEntry, UnknownAdapterError
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+class Stream:
+    """What a caller holds: iterate for text pieces as they are generated, or wait for the result."""
+
+    def __init__(self) -> None:
+        self._pieces: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self.result: ChatResult | None = None
+
+    def __iter__(self):
+        while (piece := self._pieces.get()) is not _DONE:
+            yield piece
+
+    def wait(self, timeout: float | None = None) -> ChatResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError("request did not finish in time")
+        return self.result
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self._pieces.put(piece)
+
+    def _finish(self, result: ChatResult) -> None:
+        self.result = result
+        self._pieces.put(_DONE)
+        self._done.set()
+
+
+@dataclass
+class Running:
+    request: ChatRequest
+    entry: AdapterEntry | None
+    prompt: list[int]
+    max_new: int
+    stream: Stream
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def adapter_row(self) -> str:
+        return self.entry.key if self.entry else BASE_ROW
+
+
+class ContinuousBatcher:
+    def __init__(self, engine: Engine, max_batch: int = 32):
+        self.engine, self.max_batch = engine, max_batch
+        self._waiting: queue.Queue = queue.Queue()
+        self._running: list[Running] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [batch, cached_len]: 0 where a row is left-padded
+        self._pending: tuple[DynamicCache, torch.Tensor] | None = None  # prefilled, not yet joined
+        self._stop = threading.Event()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: ChatRequest) -> Stream:
+        stream = Stream()
+        self._waiting.put((request, stream))
+        return stream
+
+    def generate(self, request: ChatRequest, timeout: float | None = None) -> ChatResult:
+        return self.submit(request).wait(timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._waiting.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                admitted = self._admit(block=not self._running)
+                if self._running or admitted:
+                    self._step(admitted)
+            except Exception as err:  # fail the running requests, keep the loop (and server) alive
+                log.exception("decode step failed")
+                for seq in self._running:
+                    seq.stream._finish(ChatResult(seq.request.adapter, seq.text, len(seq.tokens), error=str(err)))
+                self._running, self._cache, self._mask = [], None, None
+
+    def _admit(self, block: bool) -> list[Running]:
+        """Take waiting requests (blocking only when idle); invalid ones are answered at once."""
+        new: list[Running] = []
+        while len(self._running) + len(new) < self.max_batch:
+            try:
+                item = self._waiting.get(block=block and not new, timeout=None)
+            except queue.Empty:
+                break
+            if item is None:
+                break
+            request, stream = item
+            try:
+                entry, prompt, max_new = self.engine._prepare(request)
+            except (UnknownAdapterError, ValueError) as err:
+                stream._finish(ChatResult(request.adapter, error=str(err)))
+                continue
+            generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
+            new.append(Running(request, entry, prompt, max_new, stream, generator))
+        return new
+
+    def _step(self, admitted: list[Running]) -> None:
+        with self.engine._lock:
+            pinned = [s.entry for s in self._running + admitted if s.entry is not None]
+            self.engine._make_resident(pinned)
+            if admitted:
+                prefill_logits = self._prefill(admitted)
+            decode_logits = self._decode() if self._running else None
+        # Rows of the running batch first, then the admitted ones, as in the cache.
+        logits = [t for t in (decode_logits, prefill_logits if admitted else None) if t is not None]
+        if admitted:
+            self._join(admitted)
+        self.steps += 1
+        self._advance(torch.cat(logits))
+
+    def _model(self):
+        return self.engine._model if self.engine._model is not None else self.engine.base.model
+
+    def _forward(self, ids, mask, positions, rows: list[Running], cache: DynamicCache):
+        kwargs = {}
+        if self.engine._model is not None:
+            kwargs["adapter_names"] = [r.adapter_row for r in rows]
+        device = self.engine.base.device
+        with torch.no_grad():
+            out = self._model()(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                                past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[:, -1].float().cpu()  # [batch, vocab]
+
+    def _prefill(self, rows: list[Running]) -> torch.Tensor:
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.engine.base.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
+            mask[i, width - len(row.prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, rows, cache)
+        self._pending = (cache, mask)
+        return logits
+
+    def _decode(self) -> torch.Tensor:
+        last = torch.tensor([[s.tokens[-1]] for s in self._running])
+        positions = self._mask.sum(-1, keepdim=True)  # each row's next position: its real tokens so far
+        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
+        return self._forward(last, self._mask, positions, self._running, self._cache)
+
+    def _join(self, admitted: list[Running]) -> None:
+        """Append the prefilled rows' caches to the running batch, left-padding the shorter side."""
+        cache, mask = self._pending
+        self._pending = None
+        if self._cache is None:
+            self._cache, self._mask, self._running = cache, mask, list(admitted)
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        layers = []
+        for old, new in zip(self._cache.layers, cache.layers):
+            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            layers.append((keys, values))
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
+        self._running = self._running + list(admitted)
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        """Pick each row's next token, stream it, and drop the rows that finished."""
+        keep = []
+        for i, (seq, row_logits) in enumerate(zip(self._running, logits)):
+            token = _pick(row_logits, seq.request.params, seq.generator)
+            if self._append(seq, token):
+                keep.append(i)
+        if len(keep) < len(self._running):
+            self._running = [self._running[i] for i in keep]
+            if not keep:
+                self._cache, self._mask = None, None
+                return
+            index = torch.tensor(keep)
+            self._cache.batch_select_indices(index.to(self._cache.layers[0].keys.device))
+            self._mask = self._mask[index]
+            self._trim_padding()
+
+    def _append(self, seq: Running, token: int) -> bool:
+        """Record a token and stream the new text; True while the request goes on."""
+        tokenizer = self.engine.base.tokenizer
+        finished = token == tokenizer.eos_token_id
+        if not finished:
+            seq.tokens.append(token)
+        text = tokenizer.decode(seq.tokens, skip_special_tokens=True).lstrip()
+        cut = _stop_at(text, seq.request.params.stop)
+        final = finished or cut is not None or len(seq.tokens) >= seq.max_new
+        shown = cut if cut is not None else text
+        if final or not shown.endswith("\ufffd"):  # hold back half a multi-byte character
+            seq.stream._emit(shown[len(seq.text) :])
+            seq.text = shown
+        if final:
+            name = seq.entry.name if seq.entry else "base"
+            seq.stream._finish(ChatResult(name, seq.text.strip(), len(seq.tokens)))
+        return not final
+
+    def _trim_padding(self) -> None:
+        """Drop cache columns that are padding in every remaining row."""
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else self._mask.shape[1]
+        if first == 0:
+            return
+        self._mask = self._mask[:, first:]
+        self._cache = DynamicCache(ddp_cache_data=[(l.keys[:, :, first:], l.values[:, :, first:]) for l in self._cache.layers])
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[batch, heads, len, dim] -> [batch, heads, width, dim], zeros in front."""
+    missing = width - t.shape[2]
+    return t if missing == 0 else torch.nn.functional.pad(t, (0, 0, missing, 0))
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> str | None:
+    hits = [text.index(s) for s in stops if s and s in text]
+    return text[: min(hits)] if hits else None
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else temperature, top-k and top-p sampling with the request's own generator."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    scores = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs > params.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
