@@ -64,3 +64,32 @@ def test_sampling_with_a_seed_is_reproducible(batcher):
     _, batcher = batcher
     sampled = [batcher.generate(request("a", PROMPTS[0], temperature=1.0, top_p=0.9, top_k=50, seed=7), 60).text for _ in range(2)]
     assert sampled[0] == sampled[1]
+
+
+def test_a_replaced_adapter_serves_new_requests_while_running_ones_finish_on_the_old(served, tiny_base):
+    from tests.conftest import random_adapter, save_random_adapter
+
+    store, _, registry = served
+    versions = [random_adapter(tiny_base, 201), random_adapter(tiny_base, 202)]
+    save_random_adapter(store, "swap", tiny_base, 0, model=versions[0])
+    registry.refresh()
+    engine = new_engine(tiny_base, registry, 4)
+    batcher = ContinuousBatcher(engine)
+    try:
+        old_request = request("swap", PROMPTS[2], max_new_tokens=12)
+        expected_old = texts(engine, [old_request])[0]
+        running = batcher.submit(old_request)
+        deadline = time.monotonic() + 30
+        while batcher.steps < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        save_random_adapter(store, "swap", tiny_base, 0, model=versions[1])
+        registry.refresh()
+        new_result = batcher.generate(request("swap", PROMPTS[2], max_new_tokens=12), 60)
+        old_result = running.wait(60)
+        expected_new = texts(engine, [request("swap", PROMPTS[2], max_new_tokens=12)])[0]
+    finally:
+        batcher.close()
+        store.delete("swap")
+        registry.refresh()
+    assert old_result.text == expected_old
+    assert new_result.text == expected_new != expected_old
