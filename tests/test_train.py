@@ -178,3 +178,28 @@ def test_bad_data_errors_before_training_and_writes_nothing(tiny_base, tmp_path,
     assert code == 2
     assert f"{data}:3: field 'messages': the conversation must end with an assistant reply" in capsys.readouterr().err
     assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()
+
+
+@torch.no_grad()
+def test_a_saved_adapter_reloads_to_identical_outputs(tiny_base, toy_task, tmp_path):
+    config = config_from_args(["--name", "x", "--base", str(tiny_base), "--data", str(toy_task), "--dropout", "0"])
+    base = load_base(config.base)
+    model = loop.attach_lora(base.model, config, n_layers=2)
+    items, _ = tokenize(load_examples(toy_task)[:8], base.tokenizer, 512, "drop", toy_task)
+    batch = collate(items, base.tokenizer.pad_token_id)
+    optimizer = loop.make_optimizer(model, config, base.device)
+    with torch.enable_grad():
+        for _ in range(2):
+            token_loss_sum(model, batch)[0].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.save_pretrained(tmp_path / "saved")
+    fresh = load_base(config.base)
+    reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "saved"))
+    after = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    with reloaded.disable_adapter():  # and the adapter is not a no-op
+        base_logits = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(base_logits, after, atol=1e-3)
