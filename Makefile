@@ -83,7 +83,8 @@ verify: setup
 demo: setup $(BASE)/config.json demo-adapters
 	@echo "Demo base and adapters are ready; each reloaded with plain peft and scored again:"
 	@$(PY) -m train.verify --adapters $(ADAPTERS_DIR) 2>/dev/null
-	@echo "The server (serve/) is not built yet: see issues 3 and 4."
+	@echo "Try an adapter: .venv/bin/python -m serve chat --adapter json \"Extract name, age and city as JSON: Ana is 34 and lives in Lima.\""
+	@echo "(The web UI and HTTP server come with issue 4.)"
 
 clean-demo:
 	rm -rf $(BASE) data $(ADAPTERS_DIR) runs
