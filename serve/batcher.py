@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from serve.engine import BASE_ROW, ChatRequest, ChatResult, Engine, SamplingParams
+from serve.engine import BASE_ROW, ChatRequest, ChatResult, Engine, SamplingParams, cut_at_stop
 from serve.registry import AdapterEntry, UnknownAdapterError
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class ContinuousBatcher:
         if not finished:
             seq.tokens.append(token)
         text = tokenizer.decode(seq.tokens, skip_special_tokens=True).lstrip()
-        cut = _stop_at(text, seq.request.params.stop)
+        cut = cut_at_stop(text, seq.request.params.stop)
         final = finished or cut is not None or len(seq.tokens) >= seq.max_new
         shown = cut if cut is not None else text
         if final or not shown.endswith("\ufffd"):  # hold back half a multi-byte character
@@ -244,11 +244,6 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
 def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     missing = width - mask.shape[1]
     return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))
-
-
-def _stop_at(text: str, stops: tuple[str, ...]) -> str | None:
-    hits = [text.index(s) for s in stops if s and s in text]
-    return text[: min(hits)] if hits else None
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

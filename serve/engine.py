@@ -69,6 +69,12 @@ class ChatResult:
     error: str | None = None
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
+    """The text before the first stop string it contains, or None when it contains none."""
+    hits = [text.index(s) for s in stops if s and s in text]
+    return text[: min(hits)] if hits else None
+
+
 class AdapterCache:
     """Which adapter keys are resident, least recently used first; pure bookkeeping, no tensors."""
 
@@ -107,6 +113,7 @@ class Engine:
         self._host: dict[str, tuple[PeftConfig, dict]] = {}
         """Evicted adapters' weights kept in host memory: reloading them reads no file."""
         self._lock = threading.Lock()
+        self._templates: dict[str, str | None] = {}
         self.loads_from_disk = 0
         self._warm_up()
 
@@ -154,9 +161,13 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------
     def _template(self, entry: AdapterEntry | None) -> str | None:
-        if entry is not None and (entry.path / CHAT_TEMPLATE_FILE).is_file():
-            return (entry.path / CHAT_TEMPLATE_FILE).read_text()
-        return None  # the base tokenizer's own (or the fallback load_tokenizer set)
+        """The adapter's saved chat template, read once per version; None means the base's own."""
+        if entry is None:
+            return None
+        if entry.key not in self._templates:
+            file = entry.path / CHAT_TEMPLATE_FILE
+            self._templates[entry.key] = file.read_text() if file.is_file() else None
+        return self._templates[entry.key]
 
     def _prepare(self, request: ChatRequest) -> tuple[AdapterEntry | None, list[int], int]:
         entry = self.registry.resolve(request.adapter)
@@ -230,7 +241,7 @@ class Engine:
         if eos in tokens:
             tokens = tokens[: tokens.index(eos)]
         text = self.base.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        hits = [text.index(stop) for stop in params.stop if stop and stop in text]
-        if hits:
-            text = text[: min(hits)].strip()
+        cut = cut_at_stop(text, params.stop)
+        if cut is not None:
+            text = cut.strip()
         return ChatResult(entry.name if entry else "base", text, len(tokens))

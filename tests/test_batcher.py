@@ -93,3 +93,13 @@ def test_a_replaced_adapter_serves_new_requests_while_running_ones_finish_on_the
         registry.refresh()
     assert old_result.text == expected_old
     assert new_result.text == expected_new != expected_old
+
+
+def test_stop_strings_end_the_reply_in_both_paths(batcher):
+    engine, batcher = batcher
+    full = texts(engine, [request("b", PROMPTS[1], max_new_tokens=12)])[0]
+    assert len(full) >= 6
+    stop = full[3:5]
+    expected = full[: full.index(stop)].strip()
+    assert texts(engine, [request("b", PROMPTS[1], max_new_tokens=12, stop=(stop,))])[0] == expected
+    assert batcher.generate(request("b", PROMPTS[1], max_new_tokens=12, stop=(stop,)), 60).text == expected
