@@ -79,22 +79,25 @@ def run_baseline(base_path: str, store: AdapterStore, names: list[str], requests
     return [t for t, _ in results], sum(n for _, n in results), elapsed
 
 
-def decode_latency(engine: Engine, adapter: str, tokens: int, repeats: int) -> float:
+def decode_latency(model, tokenizer, tokens: int, repeats: int) -> float:
     """Seconds per generated token at batch 1, generation forced to `tokens` tokens (no early EOS)."""
-    entry = engine.registry.resolve(adapter)
-    if entry is not None:
-        engine._make_resident([entry])
-    model = engine._model
-    name = entry.key if entry else "__base__"
-    ids = torch.tensor([[engine.base.tokenizer.bos_token_id, 5, 6, 7]])
+    ids = torch.tensor([[tokenizer.bos_token_id, 5, 6, 7]])
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                           do_sample=False, adapter_names=[name], pad_token_id=engine.base.tokenizer.pad_token_id)
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
         best = min(best, (time.perf_counter() - start) / tokens)
     return best
+
+
+def adapter_latency(engine: Engine, adapter: str, tokens: int, repeats: int) -> float:
+    """Batch-1 decode through the engine's model with one adapter routed."""
+    entry = engine.registry.resolve(adapter)
+    with engine._lock:
+        engine._make_resident([entry])
+        return decode_latency(engine.route([entry.key]), engine.base.tokenizer, tokens, repeats)
 
 
 def hot_load(engine: Engine, store: AdapterStore, source: str) -> float:
@@ -141,8 +144,10 @@ def main() -> None:
     run_engine(engine, requests[:4])  # load the adapters once, as a running server has
     ours, our_tokens, our_s = run_engine(engine, requests)
     theirs, their_tokens, their_s = run_baseline(args.base, store, names, requests)
-    with_adapter = decode_latency(engine, names[0], 32, 5)
-    base_alone = decode_latency(engine, "base", 32, 5)
+    with_adapter = adapter_latency(engine, names[0], 32, 5)
+    plain = load_base(BaseConfig(args.base))  # the base alone: a copy with no LoRA layers at all
+    Engine(plain, registry)  # same warm-up as the engine's base
+    base_alone = decode_latency(plain.model, plain.tokenizer, 32, 5)
     results = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
         "base": args.base,

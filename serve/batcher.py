@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from serve.engine import BASE_ROW, ChatRequest, ChatResult, Engine, SamplingParams, cut_at_stop
+from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, cut_at_stop
 from serve.registry import AdapterEntry, UnknownAdapterError
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ class Running:
     text: str = ""
 
     @property
-    def adapter_row(self) -> str:
-        return self.entry.key if self.entry else BASE_ROW
+    def adapter_key(self) -> str | None:
+        return self.entry.key if self.entry else None
 
 
 class ContinuousBatcher:
@@ -140,17 +140,12 @@ class ContinuousBatcher:
         self.steps += 1
         self._advance(torch.cat(logits))
 
-    def _model(self):
-        return self.engine._model if self.engine._model is not None else self.engine.base.model
-
     def _forward(self, ids, mask, positions, rows: list[Running], cache: DynamicCache):
-        kwargs = {}
-        if self.engine._model is not None:
-            kwargs["adapter_names"] = [r.adapter_row for r in rows]
+        model = self.engine.route([r.adapter_key for r in rows])
         device = self.engine.base.device
         with torch.no_grad():
-            out = self._model()(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                                past_key_values=cache, use_cache=True, **kwargs)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                        past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float().cpu()  # [batch, vocab]
 
     def _prefill(self, rows: list[Running]) -> torch.Tensor:

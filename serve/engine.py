@@ -1,5 +1,5 @@
 """The serving engine: one 4-bit base, adapters loaded into one peft model by key, and every
-request routed to its own adapter per row (`adapter_names`), never by a shared `set_adapter`.
+request routed to its own adapter per row (`serve/routing.py`), never by a shared `set_adapter`.
 
 Only this module touches peft adapter state. Deciding which adapters stay resident (the LRU in
 `AdapterCache`) is kept apart from loading and unloading them (`Engine._load` / `_unload`).
@@ -20,9 +20,9 @@ from adapters.base import LoadedBase
 from adapters.chat import Message, encode_prompt
 from adapters.store import CHAT_TEMPLATE_FILE
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
+from serve.routing import LoraRouter
 
 log = logging.getLogger(__name__)
-BASE_ROW = "__base__"  # peft's name for "no adapter" in adapter_names
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Engine:
         self.base, self.registry, self.limits = base, registry, limits
         self.cache = AdapterCache(max_loaded)
         self._model: PeftModel | None = None
+        self._router: LoraRouter | None = None
         self._host: dict[str, tuple[PeftConfig, dict]] = {}
         """Evicted adapters' weights kept in host memory: reloading them reads no file."""
         self._lock = threading.Lock()
@@ -148,13 +149,27 @@ class Engine:
         self._model.delete_adapter(key)
 
     def _make_resident(self, entries: list[AdapterEntry]) -> None:
-        """Load what the batch needs and evict the least recently used beyond the cap."""
+        """Load what the batch needs, evict the least recently used beyond the cap, and restack
+        the routed weights when the resident set changed."""
         needed = {e.key: e for e in entries}
+        changed = False
         for key, entry in needed.items():
             if not self.cache.touch(key):
                 self._load(entry)
+                changed = True
         for key in self.cache.evictions(pinned=set(needed)):
             self._unload(key)
+            changed = True
+        if self._model is not None and (changed or self._router is None):
+            self._router = self._router or LoraRouter(self._model)
+            self._router.rebuild(self.cache.resident())
+
+    def route(self, keys: list[str | None]) -> torch.nn.Module:
+        """The model to run for rows that use these adapter keys (None: the base alone)."""
+        if self._model is None:
+            return self.base.model
+        self._router.set_rows(keys)
+        return self._model
 
     def resident(self) -> list[str]:
         return self.cache.resident()
@@ -212,23 +227,20 @@ class Engine:
         for row, (_, _, prompt, _) in enumerate(rows):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)  # left padding: replies start together
             mask[row, width - len(prompt) :] = 1
-        names = [entry.key if entry else BASE_ROW for _, entry, _, _ in rows]
+        keys = [entry.key if entry else None for _, entry, _, _ in rows]
         with self._lock:
             self._make_resident([entry for _, entry, _, _ in rows if entry is not None])
-            output = self._generate(ids, mask, names, max(m for *_, m in rows), params)
+            output = self._generate(ids, mask, self.route(keys), max(m for *_, m in rows), params)
         return [self._finish(rows[r], output[r, width:], params) for r in range(len(rows))]
 
     @torch.no_grad()
-    def _generate(self, ids, mask, names: list[str], max_new: int, params: SamplingParams) -> torch.Tensor:
+    def _generate(self, ids, mask, model, max_new: int, params: SamplingParams) -> torch.Tensor:
         sampling = params.temperature > 0
         kwargs = {"do_sample": sampling}
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-        model = self._model if self._model is not None else self.base.model
-        if self._model is not None:
-            kwargs["adapter_names"] = names
         return model.generate(
             input_ids=ids.to(self.base.device), attention_mask=mask.to(self.base.device), max_new_tokens=max_new,
             pad_token_id=self.base.tokenizer.pad_token_id, eos_token_id=self.base.tokenizer.eos_token_id, **kwargs,
