@@ -68,8 +68,8 @@ class Running:
 
 
 class ContinuousBatcher:
-    def __init__(self, engine: Engine, max_batch: int = 32):
-        self.engine, self.max_batch = engine, max_batch
+    def __init__(self, engine: Engine, max_batch: int = 32, gather_s: float = 0.003):
+        self.engine, self.max_batch, self.gather_s = engine, max_batch, gather_s
         self._waiting: queue.Queue = queue.Queue()
         self._running: list[Running] = []
         self._cache: DynamicCache | None = None
@@ -111,7 +111,12 @@ class ContinuousBatcher:
         new: list[Running] = []
         while len(self._running) + len(new) < self.max_batch:
             try:
-                item = self._waiting.get(block=block and not new, timeout=None)
+                if block and not new:
+                    item = self._waiting.get()  # idle: sleep until a request comes
+                elif block:
+                    item = self._waiting.get(timeout=self.gather_s)  # others may be arriving with it
+                else:
+                    item = self._waiting.get_nowait()
             except queue.Empty:
                 break
             if item is None:
