@@ -6,7 +6,8 @@ resident adapters' A and B stacked ([slots, r, in] and [slots, out, r], B pre-sc
 alpha/r, ranks zero-padded to the largest), and adds `x·A[slot]ᵀ·B[slot]ᵀ` for every row with
 two batched matmuls, however many adapters the batch mixes. The last slot is all zeros: the base.
 
-Only the engine uses this, under its lock; the rows are set before each forward.
+Only the engine uses this, under its lock; the rows are set before each forward. A routed
+model ignores peft's active-adapter state (`set_adapter`, `disable_adapter`): the rows decide.
 """
 
 from __future__ import annotations
