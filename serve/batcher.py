@@ -96,15 +96,17 @@ class ContinuousBatcher:
     # -- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
+            admitted: list[Running] = []
             try:
                 admitted = self._admit(block=not self._running)
                 if self._running or admitted:
                     self._step(admitted)
-            except Exception as err:  # fail the running requests, keep the loop (and server) alive
+            except Exception as err:  # fail the requests of this step, keep the loop (and server) alive
                 log.exception("decode step failed")
-                for seq in self._running:
+                failed = {id(s): s for s in self._running + admitted}
+                for seq in failed.values():
                     seq.stream._finish(ChatResult(seq.request.adapter, seq.text, len(seq.tokens), error=str(err)))
-                self._running, self._cache, self._mask = [], None, None
+                self._running, self._cache, self._mask, self._pending = [], None, None, None
 
     def _admit(self, block: bool) -> list[Running]:
         """Take waiting requests (blocking only when idle); invalid ones are answered at once."""

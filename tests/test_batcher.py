@@ -103,3 +103,20 @@ def test_stop_strings_end_the_reply_in_both_paths(batcher):
     expected = full[: full.index(stop)].strip()
     assert texts(engine, [request("b", PROMPTS[1], max_new_tokens=12, stop=(stop,))])[0] == expected
     assert batcher.generate(request("b", PROMPTS[1], max_new_tokens=12, stop=(stop,)), 60).text == expected
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(batcher, monkeypatch):
+    engine, batcher = batcher
+    real = engine._make_resident
+    calls = []
+
+    def fail_once(entries):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real(entries)
+
+    monkeypatch.setattr(engine, "_make_resident", fail_once)
+    failed = batcher.generate(request("a"), 60)
+    assert failed.error == "device lost"
+    assert batcher.generate(request("a"), 60).text == texts(engine, [request("a")])[0]
