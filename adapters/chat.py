@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 # Used when a base's tokenizer has no chat template. Each turn is a role marker, a space, the
 # content, then the EOS token: generation stops on EOS without extra stop strings, and the
 # markers are plain text, so no token has to be added (and no embedding resized). The space
@@ -84,3 +86,17 @@ def encode_chat(tokenizer, messages: Sequence[Message]) -> tuple[list[int], list
         # A token counts as the assistant's when it starts inside a reply span.
         mask.append(any(s <= start < e for s, e in spans) and end > start)
     return enc["input_ids"], mask
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch padded on the left, so every reply starts at the same column.
+
+    Returns input_ids and attention_mask, both [batch, longest prompt].
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask

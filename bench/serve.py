@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel
 
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
-from serve.engine import ChatRequest, Engine, SamplingParams
+from serve.engine import ChatRequest, Engine, SamplingParams, warm_up
 from serve.registry import AdapterRegistry
 from serve.batcher import ContinuousBatcher
 
@@ -55,8 +55,7 @@ def run_baseline(base_path: str, store: AdapterStore, names: list[str], requests
     for name in names[1:]:
         model.load_adapter(str(store.path(name)), adapter_name=name)
     model.eval()
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[base.tokenizer.pad_token_id] * 2]))  # same warm-up as the engine
+    warm_up(base)  # the same first-call repack as the engine's base
     tokenizer, lock = base.tokenizer, threading.Lock()
     from adapters.chat import encode_prompt
 
@@ -146,7 +145,7 @@ def main() -> None:
     theirs, their_tokens, their_s = run_baseline(args.base, store, names, requests)
     with_adapter = adapter_latency(engine, names[0], 32, 5)
     plain = load_base(BaseConfig(args.base))  # the base alone: a copy with no LoRA layers at all
-    Engine(plain, registry)  # same warm-up as the engine's base
+    warm_up(plain)
     base_alone = decode_latency(plain.model, plain.tokenizer, 32, 5)
     results = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from adapters.chat import left_pad
 from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, cut_at_stop
 from serve.registry import AdapterEntry, UnknownAdapterError
 
@@ -156,12 +157,7 @@ class ContinuousBatcher:
         return out.logits[:, -1].float().cpu()  # [batch, vocab]
 
     def _prefill(self, rows: list[Running]) -> torch.Tensor:
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.engine.base.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
-            mask[i, width - len(row.prompt) :] = 1
+        ids, mask = left_pad([r.prompt for r in rows], self.engine.base.tokenizer.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, rows, cache)

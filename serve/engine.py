@@ -17,7 +17,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from adapters.base import LoadedBase
-from adapters.chat import Message, encode_prompt
+from adapters.chat import Message, encode_prompt, left_pad
 from adapters.store import CHAT_TEMPLATE_FILE
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
 from serve.routing import LoraRouter
@@ -69,6 +69,15 @@ class ChatResult:
     error: str | None = None
 
 
+@torch.no_grad()
+def warm_up(base: LoadedBase) -> None:
+    """One tiny forward before serving: bitsandbytes repacks 4-bit weights for its CPU kernel on
+    the first call, which computes slightly differently from every later call; without this the
+    first request could get different greedy tokens from an identical second one."""
+    ids = torch.tensor([[base.tokenizer.pad_token_id] * 2], device=base.device)
+    base.model(input_ids=ids)
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
     """The text before the first stop string it contains, or None when it contains none."""
     hits = [text.index(s) for s in stops if s and s in text]
@@ -116,15 +125,7 @@ class Engine:
         self._lock = threading.Lock()
         self._templates: dict[str, str | None] = {}
         self.loads_from_disk = 0
-        self._warm_up()
-
-    @torch.no_grad()
-    def _warm_up(self) -> None:
-        """One tiny forward before serving: bitsandbytes repacks 4-bit weights for its CPU kernel
-        on the first call, which computes slightly differently from every later call; without
-        this the first request could get different greedy tokens from an identical second one."""
-        ids = torch.tensor([[self.base.tokenizer.pad_token_id] * 2], device=self.base.device)
-        self.base.model(input_ids=ids)
+        warm_up(base)
 
     # -- adapter residency -------------------------------------------------------------
     def _load(self, entry: AdapterEntry) -> None:
@@ -221,12 +222,8 @@ class Engine:
 
     def _run_batch(self, rows, params: SamplingParams) -> list[ChatResult]:
         tokenizer = self.base.tokenizer
-        width = max(len(prompt) for _, _, prompt, _ in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (_, _, prompt, _) in enumerate(rows):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)  # left padding: replies start together
-            mask[row, width - len(prompt) :] = 1
+        ids, mask = left_pad([prompt for _, _, prompt, _ in rows], tokenizer.pad_token_id)
+        width = ids.shape[1]
         keys = [entry.key if entry else None for _, entry, _, _ in rows]
         with self._lock:
             self._make_resident([entry for _, entry, _, _ in rows if entry is not None])

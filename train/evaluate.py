@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adapters.chat import encode_prompt
+from adapters.chat import encode_prompt, left_pad
 from train.data import IGNORE_INDEX, Example, Tokenized, collate
 
 
@@ -55,12 +55,8 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     replies = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(chunk):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
