@@ -21,7 +21,7 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve serve-list clean-demo help
+.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve-list serve-vllm clean-demo help
 
 help:
 	@echo "make demo            set up, build the demo base and adapters if missing, check them"
@@ -33,6 +33,9 @@ help:
 	@echo "make verify          reload every stored adapter with plain peft and recompute its metric"
 	@echo "make serve-list      servable and rejected adapters (python -m serve list / chat)"
 	@echo "make bench-serve     the engine vs one-at-a-time set_adapter serving (bench/results/serve.json)"
+	@echo "make bench-train     our training loop vs Trainer + peft on the CPU (bench/results/train.json)"
+	@echo "make bench-gpu       Llama-3.2-1B and 3.1-8B shapes on a GPU; SIZE=tiny runs it on the CPU"
+	@echo "make serve-vllm      the vLLM multi-LoRA launch command for every servable adapter"
 
 # torch first, pinned: the CPU build on this machine's disk; an open range would pull CUDA.
 $(VENV)/.installed: pyproject.toml
@@ -73,6 +76,13 @@ test: setup
 
 bench-serve: setup $(BASE)/config.json demo-adapters
 	$(PY) -m bench.serve --base $(BASE) --adapters $(ADAPTERS_DIR)
+
+bench-train: setup $(BASE)/config.json data/uppercase/train.jsonl
+	$(PY) -m bench.train --base $(BASE)
+
+SIZE ?= 1b 8b
+bench-gpu: setup
+	$(PY) -m bench.gpu --sizes $(SIZE)
 
 serve-list: setup
 	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) list

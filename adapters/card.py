@@ -57,11 +57,13 @@ class TrainingInfo:
     seed: int
     duration_s: float
     tokens_per_s: float
-    """Real (non-padding) tokens processed per second of training."""
+    """Real (non-padding) tokens processed per second of training steps (evals between epochs left out)."""
     train_loss: float
     eval_loss: float | None
     history: list[dict] = field(default_factory=list)
     """One entry per logged step or eval: {'step', 'train_loss'} or {'step', 'eval_loss'}."""
+    peak_memory_mb: float | None = None
+    """Peak memory of the run: allocated GPU memory, or the process's peak RSS on the CPU."""
 
 
 @dataclass

@@ -153,7 +153,7 @@ class ContinuousBatcher:
         device = self.engine.base.device
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        past_key_values=cache, use_cache=True)
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)  # only the last position is sampled
         return out.logits[:, -1].float().cpu()  # [batch, vocab]
 
     def _prefill(self, rows: list[Running]) -> torch.Tensor:

@@ -54,7 +54,8 @@ def test_two_steps_change_every_lora_matrix_and_leave_the_4bit_base_frozen(tiny_
     items, _ = tokenize(load_examples(toy_task)[:8], base.tokenizer, 512, "drop", toy_task)
     optimizer = loop.make_optimizer(model, config, base.device)
     for _ in range(2):  # step 1 moves only B (A's gradient is zero while B is); step 2 moves A too
-        loss, _ = token_loss_sum(model, collate(items, base.tokenizer.pad_token_id))
+        batch = {k: v.to(base.device) for k, v in collate(items, base.tokenizer.pad_token_id).items()}
+        loss, _ = token_loss_sum(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -26,6 +26,8 @@ class Progress:
     tokens: int = 0
     """Real (non-padding) tokens processed."""
     elapsed_s: float = 0.0
+    eval_s: float = 0.0
+    """Of elapsed_s, the time spent scoring between epochs (left out of tokens/s)."""
     last_loss: float = float("nan")
     """Training loss of the last optimizer step."""
     history: list[dict] = field(default_factory=list)

@@ -15,11 +15,15 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """Summed next-token loss over the labelled tokens, and their count.
 
     Summing (not averaging) per micro-batch lets gradient accumulation weight every target
-    token equally, however the tokens are spread over micro-batches.
+    token equally, however the tokens are spread over micro-batches. The output head runs only
+    at positions whose next token is a target (`logits_to_keep`): prompt positions need no
+    logits, and with a large vocabulary the float32 logits are the biggest activation in the step.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]  # [batch, seq-1]
-    logits = logits[:, :-1].float()  # [batch, seq-1, vocab]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # [positions]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits = logits.float()  # [batch, positions, vocab]
+    targets = targets[:, keep]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
 

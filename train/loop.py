@@ -190,26 +190,15 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     bar = tqdm(total=total_steps, initial=progress.step, desc=config.name, disable=not accelerator.is_main_process)
     model.train()
     while progress.step < total_steps:
-        # The epoch's batch order depends only on (seed, epoch): a resumed run sees the same order.
-        order = length_grouped_batches(lengths, config.optim.micro_batch_size, config.seed + progress.epoch)
-        order = order[accelerator.process_index :: accelerator.num_processes]
-        steps = [order[i : i + config.optim.grad_accum] for i in range(0, len(order), config.optim.grad_accum)]
+        steps = epoch_windows(lengths, config, progress.epoch, accelerator)
         for window in steps[progress.step_in_epoch :]:
             micro = [collate([data.train[i] for i in batch], pad_id) for batch in window]
-            loss_value = _accumulate_gradients(model, micro, accelerator, progress)
-            if config.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.step_in_epoch += 1
+            loss_value = train_step(model, micro, optimizer, scheduler, accelerator, config, progress)
             elapsed = time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{progress.tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{progress.tokens / max(elapsed - progress.eval_s, 1e-9):.0f}")
             if progress.step % config.log_every == 0 or progress.step == 1:
                 progress.history.append({"step": progress.step, "train_loss": round(loss_value, 5)})
-            progress.last_loss = loss_value
             if progress.step >= total_steps:
                 break
             if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and accelerator.is_main_process:
@@ -217,7 +206,9 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
                 save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress)
         else:
             # The epoch ran out before the step budget: score it, then start the next one.
+            eval_started = time.perf_counter()
             _end_of_epoch(model, tokenizer, data, progress, device, accelerator)
+            progress.eval_s += time.perf_counter() - eval_started
             progress.epoch += 1
             progress.step_in_epoch = 0
             continue
@@ -239,7 +230,33 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     return TrainResult(path, card)
 
 
-def _accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, progress: Progress) -> float:
+def epoch_windows(lengths: list[int], config: TrainConfig, epoch: int, accelerator: Accelerator) -> list[list[list[int]]]:
+    """This process's optimizer steps for one epoch, each a list of micro-batches of example indices.
+
+    Examples of similar length share a micro-batch, so little of each forward pass is padding.
+    The order depends only on (seed, epoch): a resumed run sees the same order.
+    """
+    order = length_grouped_batches(lengths, config.optim.micro_batch_size, config.seed + epoch)
+    order = order[accelerator.process_index :: accelerator.num_processes]
+    accum = config.optim.grad_accum
+    return [order[i : i + accum] for i in range(0, len(order), accum)]
+
+
+def train_step(model, micro: list[dict], optimizer, scheduler, accelerator: Accelerator, config: TrainConfig, progress: Progress) -> float:
+    """One optimizer step over its micro-batches; returns the step's loss per target token."""
+    loss_value = accumulate_gradients(model, micro, accelerator, progress)
+    if config.optim.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.step_in_epoch += 1
+    progress.last_loss = loss_value
+    return loss_value
+
+
+def accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, progress: Progress) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's loss per target token.
 
     Each micro-batch's summed loss is divided by the whole window's target-token count, so the
@@ -256,6 +273,15 @@ def _accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, pr
         total += loss_sum.detach().item()
         progress.tokens += int(batch["attention_mask"].sum())
     return total / window_tokens
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run: allocated GPU memory on CUDA, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _resume(run_dir: Path, model, optimizer, scheduler, digest: str) -> Progress:
@@ -321,7 +347,8 @@ def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress
             max_length=config.data.max_length,
             seed=config.seed,
             duration_s=round(progress.elapsed_s, 2),
-            tokens_per_s=round(progress.tokens / max(progress.elapsed_s, 1e-9), 1),
+            tokens_per_s=round(progress.tokens / max(progress.elapsed_s - progress.eval_s, 1e-9), 1),
+            peak_memory_mb=round(peak_memory_mb(base.device), 1),
             train_loss=round(progress.last_loss, 5),
             eval_loss=round(final_eval, 5),
             history=progress.history,

@@ -1,0 +1,465 @@
+"""`make bench-gpu`: QLoRA training and multi-adapter serving with the shapes of real models.
+
+Needs no downloaded weights: each shape's model is built from its config with random weights,
+saved, and loaded back through `adapters.load_base` (4-bit NF4, double quantization), as a
+user's model would be. For each shape, each figure beside its baseline from the same run:
+  training   ours vs Trainer + peft (r=16, all linear layers, gradient checkpointing):
+             real tokens/s and peak GPU memory
+  serving    batch-1 decode tokens/s, the base alone and with one adapter; 16 concurrent requests
+             over 1, 4 and 16 adapters vs the base alone and vs one-at-a-time set_adapter;
+             adapter load time; the share of the memory-bandwidth bound reached at batch 1
+  memory     the resident 4-bit base and each resident adapter vs their analytic sizes
+Writes bench/results/gpu-<gpu name>.json (cpu-tiny.json for SIZE=tiny) and prints a table.
+`--sizes tiny` runs the same code on the CPU in well under two minutes (a test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
+from adapters.chat import encode_prompt
+from bench.training import BenchSettings, run_ours, run_trainer
+from serve.batcher import ContinuousBatcher
+from serve.engine import ChatRequest, Engine, SamplingParams, warm_up
+from serve.registry import AdapterRegistry
+from train.data import IGNORE_INDEX, Tokenized
+
+LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, num_key_value_heads=8,
+              rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+SHAPES = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+    "llama-3.2-1b": {**LLAMA3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "head_dim": 64, "tie_word_embeddings": True},
+    "llama-3.1-8b": {**LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "tie_word_embeddings": False},
+}
+ALIASES = {"1b": "llama-3.2-1b", "8b": "llama-3.1-8b"}
+TARGETS = {
+    "train_peak_memory_gb (8b)": "<= 10",
+    "train_tokens_per_s_ratio": ">= 1.3",
+    "serve_16_adapters_vs_base": ">= 0.8",
+    "decode_adapter_vs_base": ">= 0.85",
+}
+WORDS = "the river town old bridge light morning green hill market song quiet road story".split()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work per shape: small for the CPU path, the issue's figures on a GPU."""
+
+    seq_len: int
+    train_steps: int
+    new_tokens: int
+    requests: int = 16
+    rank: int = 16
+
+    @classmethod
+    def for_shape(cls, shape: str) -> "Plan":
+        return cls(64, 3, 8) if shape == "tiny" else cls(2048, 10, 32)
+
+
+# -- building and measuring the base --------------------------------------------------------
+
+def build_random_base(shape: str, folder: Path, device: torch.device) -> Path:
+    """A model with the shape's config and random weights, saved in bf16 with a small tokenizer.
+
+    The tokenizer only has to produce ids inside the vocabulary: the demo's sentencepiece
+    trainer makes one in seconds.
+    """
+    from demo.base import train_tokenizer
+
+    tokenizer = train_tokenizer(folder, vocab_size=384, seed=0, corpus_examples=1500)
+    config = LlamaConfig(**{**SHAPES[shape], "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                            "pad_token_id": tokenizer.pad_token_id}, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: an 8B model in fp32 would take 32 GB
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    _free()
+    return folder
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _allocated(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def quantized_bytes(model) -> dict[str, int]:
+    """Bytes the resident base holds, by kind, read from its parameters and 4-bit quant states."""
+    packed = scales = other = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is None:
+            other += p.numel() * p.element_size()
+            continue
+        packed += p.numel() * p.element_size()
+        absmax = state.absmax
+        scales += absmax.numel() * absmax.element_size()
+        if state.state2 is not None:  # double quantization: the scales' own scales
+            scales += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.state2.code.numel() * 4
+    return {"packed_4bit": packed, "quant_scales": scales, "unquantized": other}
+
+
+def analytic_base_bytes(config: LlamaConfig, unquantized_bytes: int) -> int:
+    """NF4 with double quantization: 4 bits per weight, an 8-bit scale per 64 weights, and an fp32
+    scale per 256 of those; embeddings, output head and norms stay in the compute dtype
+    (`unquantized_bytes` per value: 2 in bf16 on a GPU, 4 in fp32 on the CPU)."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    linear = n * (h * (config.num_attention_heads * head_dim) * 2 + h * kv * 2 + 3 * h * i)
+    quantized = linear * (4 / 8 + 1 / 64 + 4 / (64 * 256))
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    norms = (2 * n + 1) * h
+    return int(quantized + unquantized_bytes * (embeddings + norms))
+
+
+def bytes_per_decoded_token(model, config: LlamaConfig) -> int:
+    """Weight bytes a batch-1 decode step must read: every 4-bit matrix with its scales, the
+    output head, one embedding row and the norms (the KV cache of a short prompt is negligible)."""
+    sizes = quantized_bytes(model)
+    head = config.vocab_size * config.hidden_size * 2
+    return sizes["packed_4bit"] + sizes["quant_scales"] + head + config.hidden_size * 2 * (2 * config.num_hidden_layers + 2)
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Device memory bandwidth in bytes/s from a large device-to-device copy (read + write)."""
+    if device.type != "cuda":
+        return None
+    src = torch.randn(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 10
+    del src, dst
+    _free()
+    return 2 * 2**30 / seconds
+
+
+# -- training -----------------------------------------------------------------------------
+
+def synthetic_examples(n: int, seq_len: int, vocab: int, seed: int) -> list[Tokenized]:
+    """Random token sequences of exactly seq_len, the second half as the reply: all tokens real."""
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for line in range(n):
+        ids = torch.randint(4, vocab, (seq_len,), generator=generator).tolist()
+        labels = [IGNORE_INDEX] * (seq_len // 2) + ids[seq_len // 2 :]
+        items.append(Tokenized(ids, labels, line + 1))
+    return items
+
+
+def bench_training(base, plan: Plan, vocab: int) -> dict:
+    settings = BenchSettings(r=plan.rank, alpha=2 * plan.rank, lr=2e-4, micro_batch_size=1, max_steps=plan.train_steps,
+                             gradient_checkpointing=True)
+    train = synthetic_examples(plan.train_steps, plan.seq_len, vocab, seed=1)
+    evals = synthetic_examples(2, plan.seq_len, vocab, seed=2)
+    warm = BenchSettings(**{**asdict(settings), "max_steps": 2})
+    _, model = run_ours(base, train, evals[:1], warm)  # kernels, allocator and handles warmed for both
+    base.model = model.unload()
+    _free()
+    results = {}
+    for runner in (run_trainer, run_ours):
+        stats, model = runner(base, train, evals, settings)
+        base.model = model.unload()  # back to the plain 4-bit base for the next run
+        del model
+        _free()
+        results[stats.which] = {**stats.as_dict(), "peak_memory_gb": round(stats.peak_memory_mb / 1024, 2)}
+    ours, theirs = results["ours"], results["trainer"]
+    return {
+        "settings": asdict(settings),
+        "ours": ours,
+        "trainer": theirs,
+        "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+        "peak_memory_ratio": round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3),
+    }
+
+
+# -- serving ------------------------------------------------------------------------------
+
+def write_random_adapters(store: AdapterStore, base_model, names: list[str], rank: int, base_path: str) -> int:
+    """LoRA adapters with small random A and B on every linear layer of every block.
+
+    Written directly as peft's files (adapter_config.json + safetensors): building them
+    through peft would wrap the 4-bit base once per adapter. Returns one adapter's bytes.
+    """
+    shapes = {n: s for n, s in BaseShape.of(base_model, "").linear_shapes.items() if ".layers." in n}
+    targets = sorted({n.rsplit(".", 1)[-1] for n in shapes})
+    size = 0
+    for seed, name in enumerate(names):
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for module, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) / math.sqrt(fan_in)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.01
+        size = sum(t.numel() * 4 for t in tensors.values())
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM",
+                            base_model_name_or_path=base_path)
+        with store.write(name) as folder:
+            config.save_pretrained(str(folder))
+            save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return size
+
+
+def chat_requests(adapters: list[str], n: int, new_tokens: int) -> list[ChatRequest]:
+    params = SamplingParams(max_new_tokens=new_tokens)
+    return [ChatRequest(adapters[i % len(adapters)],
+                        (Message("user", " ".join(WORDS[(i + j) % len(WORDS)] for j in range(8 + i % 5))),), params)
+            for i in range(n)]
+
+
+def engine_throughput(engine: Engine, requests: list[ChatRequest]) -> float:
+    """Generated tokens per second for requests submitted at once to the decode loop."""
+    batcher = ContinuousBatcher(engine)
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(batcher.generate, requests))
+        elapsed = time.perf_counter() - start
+    finally:
+        batcher.close()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"engine requests failed: {errors[:2]}")
+    return sum(r.new_tokens for r in results) / elapsed
+
+
+def set_adapter_throughput(model: PeftModel, tokenizer, requests: list[ChatRequest], device) -> float:
+    """The baseline server: one shared peft model, set_adapter under a lock, one request at a time."""
+    lock = threading.Lock()
+
+    def serve_one(request: ChatRequest) -> int:
+        ids = torch.tensor([encode_prompt(tokenizer, request.messages)], device=device)
+        with lock, torch.no_grad():
+            model.set_adapter(request.adapter)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=request.params.max_new_tokens, min_new_tokens=request.params.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return out.shape[1] - ids.shape[1]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        tokens = sum(pool.map(serve_one, requests))
+    return tokens / (time.perf_counter() - start)
+
+
+def decode_tokens_per_s(model, tokenizer, device, tokens: int, repeats: int = 3) -> float:
+    """Batch-1 greedy decode, forced to `tokens` new tokens; the best of a few runs."""
+    ids = torch.tensor([[tokenizer.bos_token_id, 5, 6, 7, 8, 9]], device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                           min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
+
+
+def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None) -> dict:
+    device, tokenizer = base.device, base.tokenizer
+    store = AdapterStore(workdir / "store")
+    names = [f"a{i:02d}" for i in range(16)]
+    adapter_bytes = write_random_adapters(store, base.model, names, plan.rank, base.config.path)
+    out: dict = {"adapter_file_bytes": adapter_bytes}
+
+    # The base alone, then the set_adapter baseline on the same model (unloaded afterwards).
+    warm_up(base)
+    base_decode = decode_tokens_per_s(base.model, tokenizer, device, plan.new_tokens)
+    out["decode_base_tokens_per_s"] = round(base_decode, 2)
+    if bandwidth:
+        out["bandwidth_bound_share_base"] = round(bytes_per_decoded_token(base.model, base.model.config) / bandwidth * base_decode, 3)
+    baseline = PeftModel.from_pretrained(base.model, str(store.path(names[0])), adapter_name=names[0])
+    for name in names[1:]:
+        baseline.load_adapter(str(store.path(name)), adapter_name=name)
+    baseline.eval()
+    requests16 = chat_requests(names, plan.requests, plan.new_tokens)
+    out["set_adapter_16_adapters_tokens_per_s"] = round(set_adapter_throughput(baseline, tokenizer, requests16, device), 2)
+    base.model = baseline.unload()
+    del baseline
+    _free()
+
+    # Our engine on the same base: base alone first (no adapter loaded yet), then 1, 4, 16 adapters.
+    registry = AdapterRegistry(store, BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    if registry.rejected():
+        raise RuntimeError(f"adapters rejected: {registry.rejected()}")
+    engine = Engine(base, registry, max_loaded=16)
+    engine_throughput(engine, chat_requests(["base"], 2, 2))  # warm the decode loop
+    before = _allocated(device)
+    out["engine_base_only_tokens_per_s"] = round(engine_throughput(engine, chat_requests(["base"], plan.requests, plan.new_tokens)), 2)
+    start = time.perf_counter()
+    with engine._lock:
+        engine._make_resident([registry.resolve(names[0])])
+    out["adapter_load_s"] = round(time.perf_counter() - start, 3)
+    for k in (1, 4, 16):
+        out[f"engine_{k}_adapters_tokens_per_s"] = round(engine_throughput(engine, chat_requests(names[:k], plan.requests, plan.new_tokens)), 2)
+    after = _allocated(device)
+    if before is not None:
+        out["resident_bytes_per_adapter"] = int((after - before) / 16)
+        out["analytic_bytes_per_adapter_bf16"] = adapter_bytes // 2
+    entry = registry.resolve(names[0])
+    with engine._lock:
+        engine._make_resident([entry])
+        adapter_decode = decode_tokens_per_s(engine.route([entry.key]), tokenizer, device, plan.new_tokens)
+    out["decode_adapter_tokens_per_s"] = round(adapter_decode, 2)
+    out["decode_adapter_vs_base"] = round(adapter_decode / base_decode, 3)
+    base_only = out["engine_base_only_tokens_per_s"]
+    for k in (1, 4, 16):
+        out[f"serve_{k}_adapters_vs_base"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / base_only, 3)
+    out["serve_16_adapters_vs_set_adapter"] = round(out["engine_16_adapters_tokens_per_s"] / out["set_adapter_16_adapters_tokens_per_s"], 2)
+    return out
+
+
+# -- one shape ----------------------------------------------------------------------------
+
+def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: float | None, log) -> dict:
+    plan = Plan.for_shape(shape)
+    folder = workdir / shape
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    build_random_base(shape, folder, device)
+    result: dict = {"shape": shape, "plan": asdict(plan), "build_and_save_s": round(time.perf_counter() - start, 1)}
+    start = time.perf_counter()
+    base = load_base(BaseConfig(str(folder), device=str(device)))
+    result["load_4bit_s"] = round(time.perf_counter() - start, 1)
+    config = base.model.config
+    sizes = quantized_bytes(base.model)
+    result["memory"] = {
+        "base_resident_bytes": _allocated(device),
+        "base_parameter_bytes": sum(sizes.values()),
+        "base_analytic_bytes": analytic_base_bytes(config, base.model.get_input_embeddings().weight.element_size()),
+        **sizes,
+    }
+    log(shape, "memory", result)
+    for stage, run in (("training", lambda b: bench_training(b, plan, config.vocab_size)),
+                       ("serving", lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth))):
+        try:
+            result[stage] = run(base)
+        except Exception as err:  # record it and go on with a fresh base: the other stage still counts
+            import traceback
+
+            traceback.print_exc()
+            result[stage] = {"error": f"{type(err).__name__}: {err}"}
+            del base
+            _free()
+            base = load_base(BaseConfig(str(folder), device=str(device)))
+        log(shape, stage, result)
+    del base
+    _free()
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def _table(results: dict) -> str:
+    rows = [("shape", "train tok/s ours/trainer", "ratio", "peak GB ours/trainer", "decode base/adapter tok/s",
+             "16 req: base, 1/4/16 ad, set_adapter tok/s", "bw share")]
+    for shape, r in results["shapes"].items():
+        t, s = r.get("training", {}), r.get("serving", {})
+        rows.append((
+            shape,
+            f"{t.get('ours', {}).get('tokens_per_s', '-')}/{t.get('trainer', {}).get('tokens_per_s', '-')}",
+            str(t.get("tokens_per_s_ratio", "-")),
+            f"{t.get('ours', {}).get('peak_memory_gb', '-')}/{t.get('trainer', {}).get('peak_memory_gb', '-')}",
+            f"{s.get('decode_base_tokens_per_s', '-')}/{s.get('decode_adapter_tokens_per_s', '-')}",
+            f"{s.get('engine_base_only_tokens_per_s', '-')}, {s.get('engine_1_adapters_tokens_per_s', '-')}/"
+            f"{s.get('engine_4_adapters_tokens_per_s', '-')}/{s.get('engine_16_adapters_tokens_per_s', '-')}, "
+            f"{s.get('set_adapter_16_adapters_tokens_per_s', '-')}",
+            str(s.get("bandwidth_bound_share_base", "-")),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["1b", "8b"], help="tiny, 1b, 8b")
+    parser.add_argument("--out", default=None, help="default bench/results/gpu-<gpu name>.json (cpu-tiny.json on the CPU)")
+    parser.add_argument("--workdir", default=None, help="where the random models are built (default: a temporary folder)")
+    args = parser.parse_args()
+    shapes = [ALIASES.get(s, s) for s in args.sizes]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown size(s) {unknown}; choose from tiny, 1b, 8b")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and shapes != ["tiny"]:
+        raise SystemExit("the 1b and 8b shapes need a GPU; on the CPU run --sizes tiny")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    out = Path(args.out or f"bench/results/{'gpu-' + re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower() if device.type == 'cuda' else 'cpu-tiny'}.json")
+    import bitsandbytes, peft, transformers
+
+    results = {
+        "device": name,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "bitsandbytes": bitsandbytes.__version__},
+        "targets": TARGETS,
+        "shapes": {},
+    }
+    results["copy_bandwidth_gb_s"] = round((bw := copy_bandwidth(device)) / 1e9, 1) if device.type == "cuda" else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(shape: str, stage: str, partial: dict) -> None:
+        results["shapes"][shape] = partial  # written after every stage: a cut-off run keeps what it measured
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"[{time.strftime('%H:%M:%S')}] {shape} {stage}: {json.dumps(partial.get(stage))}", flush=True)
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        for shape in shapes:
+            try:
+                bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log)
+            except Exception as err:  # keep the other shapes' figures; say what broke
+                import traceback
+
+                traceback.print_exc()
+                results["shapes"].setdefault(shape, {})["error"] = f"{type(err).__name__}: {err}"
+                log(shape, "error", results["shapes"][shape])
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(_table(results))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

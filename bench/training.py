@@ -1,0 +1,179 @@
+"""One training run, ours or the baseline, on an already loaded base; shared by bench-train and bench-gpu.
+
+Ours is the loop's own step (`train.loop.train_step`) over its length-grouped micro-batches. The
+baseline is what a user would write without us: `transformers.Trainer` on a peft model, the
+examples in a plain list, `DataCollatorForSeq2Seq` padding each random batch to its longest
+example. Both get the same base, examples, LoRA settings, learning rate, schedule and step
+count, and are scored with the same eval-loss function.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, get_scheduler
+
+from adapters.base import BaseConfig, LoadedBase
+from train.checkpoint import Progress
+from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
+from train.data import Tokenized, collate, length_grouped_batches
+from train.evaluate import eval_loss
+from train.loop import attach_lora, count_steps, epoch_windows, make_optimizer, peak_memory_mb, train_step
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    r: int = 16
+    alpha: float = 32.0
+    lr: float = 2e-4
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.05
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class RunStats:
+    which: str
+    steps: int
+    real_tokens: int
+    """Non-padding tokens fed to the model."""
+    padded_tokens: int
+    """Every position of every micro-batch, padding included."""
+    train_s: float
+    peak_memory_mb: float
+    eval_loss: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.train_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
+
+
+def _config(s: BenchSettings, base_path: str) -> TrainConfig:
+    return TrainConfig(
+        name="bench",
+        base=BaseConfig(base_path),
+        lora=LoraSettings(r=s.r, alpha=s.alpha, dropout=0.0),
+        optim=OptimSettings(lr=s.lr, warmup_ratio=s.warmup_ratio, epochs=s.epochs, max_steps=s.max_steps,
+                            micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum),
+        data=DataSettings(path="-"),
+        seed=s.seed,
+        gradient_checkpointing=s.gradient_checkpointing,
+    )
+
+
+def total_steps(n_examples: int, s: BenchSettings) -> int:
+    """Optimizer steps for both runs: the Trainer's count (random batches) equals ours."""
+    return count_steps(math.ceil(n_examples / s.micro_batch_size), _config(s, "-"))[1]
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s: BenchSettings):
+    """Our loop's steps; returns (stats, the peft model) so the caller can unload the LoRA layers."""
+    torch.manual_seed(s.seed)
+    config = _config(s, base.config.path)
+    accelerator = Accelerator()
+    model = attach_lora(base.model, config, base.model.config.num_hidden_layers)
+    optimizer = make_optimizer(model, config, base.device)
+    steps = total_steps(len(train), s)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(s.warmup_ratio * steps), num_training_steps=steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lengths = [len(t.input_ids) for t in train]
+    progress, padded, pad_id = Progress(), 0, base.tokenizer.pad_token_id
+    _reset_peak(base.device)
+    model.train()
+    start = time.perf_counter()
+    while progress.step < steps:
+        for window in epoch_windows(lengths, config, progress.epoch, accelerator):
+            micro = [collate([train[i] for i in batch], pad_id) for batch in window]
+            padded += sum(m["input_ids"].numel() for m in micro)
+            train_step(model, micro, optimizer, scheduler, accelerator, config, progress)
+            if progress.step >= steps:
+                break
+        progress.epoch += 1
+    _sync(base.device)
+    train_s = time.perf_counter() - start
+    peak = peak_memory_mb(base.device)
+    loss = eval_loss(model, evals, pad_id, s.micro_batch_size, base.device)
+    return RunStats("ours", progress.step, progress.tokens, padded, train_s, peak, loss), accelerator.unwrap_model(model)
+
+
+class _CountingCollator:
+    """The usual seq2seq collator, counting what it hands the model."""
+
+    def __init__(self, tokenizer):
+        self.inner = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+        self.real = self.padded = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.real += int(batch["attention_mask"].sum())
+        self.padded += batch["input_ids"].numel()
+        return batch
+
+
+def run_trainer(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s: BenchSettings):
+    """The baseline: Trainer + peft with the same settings; returns (stats, the peft model)."""
+    torch.manual_seed(s.seed)
+    cuda = base.device.type == "cuda"
+    model = get_peft_model(base.model, LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t.input_ids), "labels": t.labels} for t in train]
+    collator = _CountingCollator(base.tokenizer)
+    steps = total_steps(len(train), s)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=s.grad_accum,
+            learning_rate=s.lr, max_steps=steps, lr_scheduler_type="cosine", warmup_steps=int(s.warmup_ratio * steps),
+            weight_decay=0.0, max_grad_norm=1.0, seed=s.seed, data_seed=s.seed, save_strategy="no", report_to="none",
+            logging_steps=max(1, steps // 10), optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda,
+            use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        _reset_peak(base.device)
+        start = time.perf_counter()
+        trainer.train()
+        _sync(base.device)
+        train_s = time.perf_counter() - start
+    peak = peak_memory_mb(base.device)
+    loss = eval_loss(model, evals, base.tokenizer.pad_token_id, s.micro_batch_size, base.device)
+    return RunStats("trainer", steps, collator.real, collator.padded, train_s, peak, loss), model
+
+
+def padding_share(items: list[Tokenized], s: BenchSettings) -> dict[str, float]:
+    """Share of padding positions with length grouping vs random batches, computed without a model."""
+    lengths = [len(t.input_ids) for t in items]
+    grouped = length_grouped_batches(lengths, s.micro_batch_size, s.seed)
+    generator = torch.Generator().manual_seed(s.seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    shuffled = [order[i : i + s.micro_batch_size] for i in range(0, len(order), s.micro_batch_size)]
+
+    def share(batches):
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return round(1 - sum(lengths) / padded, 3)
+
+    return {"grouped": share(grouped), "random": share(shuffled)}

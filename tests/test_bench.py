@@ -1,0 +1,30 @@
+"""The benchmark scripts' CPU paths run, so they cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
+    out = tmp_path / "tiny.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--sizes", "tiny", "--out", str(out), "--workdir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())["shapes"]["tiny"]
+    assert "error" not in result and "error" not in result["training"] and "error" not in result["serving"]
+    memory, training, serving = result["memory"], result["training"], result["serving"]
+    # The 4-bit base holds what the analytic NF4 + double-quant size says, within 2%.
+    assert abs(memory["base_parameter_bytes"] / memory["base_analytic_bytes"] - 1) < 0.02
+    for side in ("ours", "trainer"):
+        assert training[side]["steps"] == 3 and training[side]["real_tokens"] == 3 * 64
+    # Same data, settings and steps: both loops end at the same eval loss.
+    assert abs(training["ours"]["eval_loss"] - training["trainer"]["eval_loss"]) < 0.01 * training["trainer"]["eval_loss"]
+    for key in ("decode_base_tokens_per_s", "decode_adapter_tokens_per_s", "engine_base_only_tokens_per_s",
+                "engine_1_adapters_tokens_per_s", "engine_16_adapters_tokens_per_s", "set_adapter_16_adapters_tokens_per_s"):
+        assert serving[key] > 0, key
+    assert "tiny" in done.stdout  # the table
