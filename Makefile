@@ -87,6 +87,9 @@ bench-gpu: setup
 serve-list: setup
 	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) list
 
+serve-vllm: setup
+	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) vllm
+
 verify: setup
 	$(PY) -m train.verify --adapters $(ADAPTERS_DIR)
 

@@ -81,14 +81,23 @@ def compute_dtype_for(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def under_fsdp() -> bool:
+    """True inside `accelerate launch` with an FSDP config (accelerate sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """QLoRA's storage format: NF4 weights, their scales quantized again (double quantization)."""
+    """QLoRA's storage format: NF4 weights, their scales quantized again (double quantization).
+
+    Under FSDP the packed 4-bit bytes are held in tensors of the compute dtype, so FSDP can
+    flatten them together with the unquantized weights into one shardable buffer.
+    """
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=compute_dtype if under_fsdp() else torch.uint8,
     )
 
 
@@ -121,7 +130,8 @@ def load_base(config: BaseConfig) -> LoadedBase:
     device = resolve_device(config.device)
     dtype = compute_dtype_for(device)
     tokenizer, template_source = load_tokenizer(config.path)
-    kwargs = {"device_map": _device_map(device), "dtype": dtype}
+    # Under FSDP no device map: the ranks load on the CPU and FSDP moves each its shard.
+    kwargs = {"dtype": dtype} if under_fsdp() else {"device_map": _device_map(device), "dtype": dtype}
     if config.quantize:
         kwargs["quantization_config"] = quantization_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(config.path, **kwargs)

@@ -112,3 +112,14 @@ def check_adapter(folder: Path, base: BaseShape) -> AdapterShape:
     if problems:
         raise AdapterCheckError("; ".join(problems))
     return adapter
+
+
+def base_shape_from_config(path: str) -> BaseShape:
+    """A base's shape without loading its weights: the model built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapters.base import base_fingerprint
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return BaseShape.of(model, base_fingerprint(path))

@@ -4,7 +4,7 @@ Each side trains in its own child process (so each one's peak memory is its own)
 4-bit demo base, the same examples (a demo task whose examples vary in length), the same LoRA
 settings, learning rate, schedule and step count. Writes bench/results/train.json and prints:
   tokens_per_s_ratio   real (non-padding) tokens per second of training: ours / baseline
-  peak_memory_ratio    peak resident memory of the process: ours / baseline
+  peak_memory_ratio    peak resident memory while training (sampled every 5 ms): ours / baseline
   eval loss of each on the same held-out examples (they must agree within 5%)
 `--profile` also writes bench/results/train-profile.txt: torch.profiler's top operators for our steps.
 """

@@ -10,7 +10,9 @@ count, and are scored with the same eval-loss function.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,7 +26,7 @@ from train.checkpoint import Progress
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
 from train.data import Tokenized, collate, length_grouped_batches
 from train.evaluate import eval_loss
-from train.loop import attach_lora, count_steps, epoch_windows, make_optimizer, peak_memory_mb, train_step
+from train.loop import attach_lora, count_steps, epoch_windows, make_optimizer, train_step
 
 
 @dataclass(frozen=True)
@@ -79,16 +81,44 @@ def total_steps(n_examples: int, s: BenchSettings) -> int:
     return count_steps(math.ceil(n_examples / s.micro_batch_size), _config(s, "-"))[1]
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+class PeakMemory:
+    """Peak memory while the block runs: allocated GPU memory on CUDA; on the CPU the process's
+    resident set, sampled every 5 ms (the lifetime peak, ru_maxrss, would be the base's loading)."""
 
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes = device, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            with open("/proc/self/statm") as statm:
+                self.peak_bytes = max(self.peak_bytes, int(statm.read().split()[1]) * page)
+            if self._stop.wait(0.005):
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return self.peak_bytes / 2**20
 
 
 def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s: BenchSettings):
@@ -103,22 +133,20 @@ def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s
     model, optimizer = accelerator.prepare(model, optimizer)
     lengths = [len(t.input_ids) for t in train]
     progress, padded, pad_id = Progress(), 0, base.tokenizer.pad_token_id
-    _reset_peak(base.device)
     model.train()
-    start = time.perf_counter()
-    while progress.step < steps:
-        for window in epoch_windows(lengths, config, progress.epoch, accelerator):
-            micro = [collate([train[i] for i in batch], pad_id) for batch in window]
-            padded += sum(m["input_ids"].numel() for m in micro)
-            train_step(model, micro, optimizer, scheduler, accelerator, config, progress)
-            if progress.step >= steps:
-                break
-        progress.epoch += 1
-    _sync(base.device)
+    with PeakMemory(base.device) as peak:
+        start = time.perf_counter()
+        while progress.step < steps:
+            for window in epoch_windows(lengths, config, progress.epoch, accelerator):
+                micro = [collate([train[i] for i in batch], pad_id) for batch in window]
+                padded += sum(m["input_ids"].numel() for m in micro)
+                train_step(model, micro, optimizer, scheduler, accelerator, config, progress)
+                if progress.step >= steps:
+                    break
+            progress.epoch += 1
     train_s = time.perf_counter() - start
-    peak = peak_memory_mb(base.device)
     loss = eval_loss(model, evals, pad_id, s.micro_batch_size, base.device)
-    return RunStats("ours", progress.step, progress.tokens, padded, train_s, peak, loss), accelerator.unwrap_model(model)
+    return RunStats("ours", progress.step, progress.tokens, padded, train_s, peak.mb, loss), accelerator.unwrap_model(model)
 
 
 class _CountingCollator:
@@ -154,14 +182,12 @@ def run_trainer(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized]
             remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-        _reset_peak(base.device)
-        start = time.perf_counter()
-        trainer.train()
-        _sync(base.device)
+        with PeakMemory(base.device) as peak:
+            start = time.perf_counter()
+            trainer.train()
         train_s = time.perf_counter() - start
-    peak = peak_memory_mb(base.device)
     loss = eval_loss(model, evals, base.tokenizer.pad_token_id, s.micro_batch_size, base.device)
-    return RunStats("trainer", steps, collator.real, collator.padded, train_s, peak, loss), model
+    return RunStats("trainer", steps, collator.real, collator.padded, train_s, peak.mb, loss), model
 
 
 def padding_share(items: list[Tokenized], s: BenchSettings) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""`python -m serve list` and `python -m serve chat --adapter NAME "message"`."""
+"""`python -m serve list`, `python -m serve chat --adapter NAME "message"` and `python -m serve vllm`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,24 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_vllm(args) -> int:
+    """The vLLM launch command; the base's shape comes from its config, no weights are loaded."""
+    import os
+
+    from adapters.compat import base_shape_from_config
+    from serve.vllm import vllm_plan
+
+    registry = AdapterRegistry(AdapterStore(args.adapters), base_shape_from_config(args.base))
+    registry.refresh()
+    plan = vllm_plan(args.base, registry.store, registry.servable(), args.host, args.port, quantized=not args.no_quant)
+    for name, why in {**plan.excluded, **{r.name: r.reason for r in registry.rejected()}}.items():
+        print(f"# left out {name}: {why}", file=sys.stderr)
+    print(plan.shell())
+    if args.run:
+        os.execvp(plan.command[0], plan.command)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description="Serve QLoRA adapters on one 4-bit base.")
     parser.add_argument("--base", default="models/demo-base", help="Base model folder or hub id.")
@@ -58,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--seed", type=int, default=None)
+    vllm = sub.add_parser("vllm", help="Print the vLLM multi-LoRA launch command for every servable adapter.")
+    vllm.add_argument("--host", default="127.0.0.1")
+    vllm.add_argument("--port", type=int, default=8000)
+    vllm.add_argument("--run", action="store_true", help="Run it (vLLM must be installed) instead of printing it.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    return {"list": cmd_list, "chat": cmd_chat}[args.command](args)
+    return {"list": cmd_list, "chat": cmd_chat, "vllm": cmd_vllm}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler, set_seed
 
-from adapters.base import LoadedBase, load_base, load_tokenizer
+from adapters.base import LoadedBase, load_base, load_tokenizer, under_fsdp
 from adapters.card import AdapterCard, BaseInfo, DatasetInfo, LoraInfo, MetricInfo, TrainingInfo
 from adapters.store import AdapterStore
 from train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -129,7 +129,7 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
 
 def make_optimizer(model, config: TrainConfig, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
-    if device.type == "cuda":
+    if device.type == "cuda" and not under_fsdp():
         import bitsandbytes as bnb
 
         # QLoRA's paged optimizer: its state pages out to CPU memory under pressure.
@@ -166,6 +166,8 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     model = attach_lora(base.model, config, n_layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = _count_params(model)
+    if under_fsdp():
+        model = accelerator.prepare(model)  # FSDP wraps first; the optimizer must see the sharded parameters
     optimizer = make_optimizer(model, config, base.device)
 
     lengths = [len(t.input_ids) for t in data.train]
@@ -177,7 +179,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
         num_warmup_steps=int(config.optim.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = (model, accelerator.prepare(optimizer)) if under_fsdp() else accelerator.prepare(model, optimizer)
 
     run_dir = Path(config.runs_dir) / config.name / "checkpoints"
     progress = Progress(config_digest=config_digest(config))
