@@ -21,10 +21,11 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve-list serve-vllm clean-demo help
+.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots clean-demo help
 
 help:
-	@echo "make demo            set up, build the demo base and adapters if missing, check them"
+	@echo "make demo            set up, build the demo base and adapters if missing, start the server"
+	@echo "make serve           the web UI and OpenAI-compatible API on 127.0.0.1:7860 (HOST= PORT= SERVE_ARGS=)"
 	@echo "make test            run the test suite (CPU)"
 	@echo "make base            train the demo base model (models/demo-base)"
 	@echo "make demo-adapters   train one adapter per demo task"
@@ -93,11 +94,17 @@ serve-vllm: setup
 verify: setup
 	$(PY) -m train.verify --adapters $(ADAPTERS_DIR)
 
-demo: setup $(BASE)/config.json demo-adapters
-	@echo "Demo base and adapters are ready; each reloaded with plain peft and scored again:"
-	@$(PY) -m train.verify --adapters $(ADAPTERS_DIR) 2>/dev/null
-	@echo "Try an adapter: .venv/bin/python -m serve chat --adapter json \"Extract name, age and city as JSON: Ana is 34 and lives in Lima.\""
-	@echo "(The web UI and HTTP server come with issue 4.)"
+demo: setup $(BASE)/config.json demo-adapters serve
+
+HOST ?= 127.0.0.1
+PORT ?= 7860
+# SERVE_ARGS: any other flag of `python -m serve web --help` (--auth, --api-key, --max-queue ...).
+serve: setup
+	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) web --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+# The README's screenshots, from a running `make serve` (the demo base and adapters).
+screenshots: setup
+	$(PY) -m tests.ui_tour --url http://$(HOST):$(PORT) --out docs/screenshots
 
 clean-demo:
 	rm -rf $(BASE) data $(ADAPTERS_DIR) runs

@@ -61,6 +61,22 @@ def cmd_vllm(args) -> int:
     return 0
 
 
+def cmd_web(args) -> int:
+    from serve.engine import ServeLimits
+    from serve.server import access_from, run
+    from serve.service import Service, ServiceConfig
+
+    access = access_from(args)  # bad --auth entries fail before the base loads
+    config = ServiceConfig(base=args.base, adapters=args.adapters, quantize=not args.no_quant, max_loaded=args.max_loaded,
+                           max_queue=args.max_queue, limits=ServeLimits(max_new_tokens=args.max_new_tokens_limit))
+    service = Service.start(config)
+    try:
+        run(service, access)
+    finally:
+        service.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description="Serve QLoRA adapters on one 4-bit base.")
     parser.add_argument("--base", default="models/demo-base", help="Base model folder or hub id.")
@@ -80,9 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     vllm.add_argument("--host", default="127.0.0.1")
     vllm.add_argument("--port", type=int, default=8000)
     vllm.add_argument("--run", action="store_true", help="Run it (vLLM must be installed) instead of printing it.")
+    web = sub.add_parser("web", help="The web UI and the OpenAI-compatible API on one server.")
+    web.add_argument("--host", default="127.0.0.1", help="Address to bind (loopback by default).")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--auth", default=None, help="UI login user:password (comma-separated for several).")
+    web.add_argument("--auth-file", default=None, help="File with user:password lines ($LORASWAP_AUTH also works).")
+    web.add_argument("--api-key", default=None, help="Bearer token the API requires ($LORASWAP_API_KEY also works).")
+    web.add_argument("--max-queue", type=int, default=32, help="Requests waiting or running at once; more get 'busy'.")
+    web.add_argument("--max-loaded", type=int, default=8, help="Adapters resident on the device at once.")
+    web.add_argument("--max-new-tokens-limit", type=int, default=256, help="Server-side cap on max new tokens.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    return {"list": cmd_list, "chat": cmd_chat, "vllm": cmd_vllm}[args.command](args)
+    return {"list": cmd_list, "chat": cmd_chat, "vllm": cmd_vllm, "web": cmd_web}[args.command](args)
 
 
 if __name__ == "__main__":

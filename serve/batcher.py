@@ -31,7 +31,22 @@ class Stream:
     def __init__(self) -> None:
         self._pieces: queue.Queue = queue.Queue()
         self._done = threading.Event()
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+        self.cancelled = threading.Event()
         self.result: ChatResult | None = None
+
+    def cancel(self) -> None:
+        """Ask the decode loop to end this request at its next step, with the text so far."""
+        self.cancelled.set()
+
+    def add_done_callback(self, fn) -> None:
+        """Call fn(result) once the request ends (at once if it already has)."""
+        with self._lock:
+            if self.result is None:
+                self._callbacks.append(fn)
+                return
+        fn(self.result)
 
     def __iter__(self):
         while (piece := self._pieces.get()) is not _DONE:
@@ -47,9 +62,16 @@ class Stream:
             self._pieces.put(piece)
 
     def _finish(self, result: ChatResult) -> None:
-        self.result = result
+        with self._lock:
+            self.result = result
+            callbacks, self._callbacks = self._callbacks, []
         self._pieces.put(_DONE)
         self._done.set()
+        for fn in callbacks:
+            try:
+                fn(result)
+            except Exception:  # a caller's hook must not break the decode loop
+                log.exception("done callback failed")
 
 
 @dataclass
@@ -213,14 +235,15 @@ class ContinuousBatcher:
             seq.tokens.append(token)
         text = tokenizer.decode(seq.tokens, skip_special_tokens=True).lstrip()
         cut = cut_at_stop(text, seq.request.params.stop)
-        final = finished or cut is not None or len(seq.tokens) >= seq.max_new
+        final = finished or cut is not None or len(seq.tokens) >= seq.max_new or seq.stream.cancelled.is_set()
         shown = cut if cut is not None else text
         if final or not shown.endswith("\ufffd"):  # hold back half a multi-byte character
             seq.stream._emit(shown[len(seq.text) :])
             seq.text = shown
         if final:
             name = seq.entry.name if seq.entry else "base"
-            seq.stream._finish(ChatResult(name, seq.text.strip(), len(seq.tokens)))
+            reason = "length" if len(seq.tokens) >= seq.max_new and not finished and cut is None else "stop"
+            seq.stream._finish(ChatResult(name, seq.text.strip(), len(seq.tokens), prompt_tokens=len(seq.prompt), finish_reason=reason))
         return not final
 
     def _trim_padding(self) -> None:

@@ -67,6 +67,9 @@ class ChatResult:
     text: str = ""
     new_tokens: int = 0
     error: str | None = None
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"
+    """'length' when the reply hit its token limit, 'stop' otherwise (EOS, a stop string, cancelled)."""
 
 
 @torch.no_grad()
@@ -102,6 +105,9 @@ class AdapterCache:
         self._keys[key] = None
         self._keys.move_to_end(key)
         return hit
+
+    def remove(self, key: str) -> None:
+        self._keys.pop(key, None)
 
     def evictions(self, pinned: set[str]) -> list[str]:
         """Keys to unload to get back within capacity, oldest first, never a pinned one."""
@@ -174,6 +180,20 @@ class Engine:
 
     def resident(self) -> list[str]:
         return self.cache.resident()
+
+    def evict(self, name: str) -> bool:
+        """Move an adapter's weights off the device (kept in host memory); True when it was resident.
+
+        A request still running on it is unaffected: its next step makes it resident again.
+        """
+        with self._lock:
+            keys = [k for k in self.cache.resident() if k.split("@", 1)[0] == name]
+            for key in keys:
+                self.cache.remove(key)
+                self._unload(key)
+            if keys and self._router is not None:
+                self._router.rebuild(self.cache.resident())
+        return bool(keys)
 
     # -- generation ----------------------------------------------------------------------
     def _template(self, entry: AdapterEntry | None) -> str | None:

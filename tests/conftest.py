@@ -115,3 +115,76 @@ def texts(engine: Engine, requests) -> list[str]:
     results = engine.generate(requests)
     assert all(r.error is None for r in results), results
     return [r.text for r in results]
+
+
+# -- a live server: the tiny base with two trained adapters --------------------------------
+
+ANIMAL_COLORS = {"cat": "red", "dog": "blue", "bird": "green", "fish": "red", "king": "blue", "queen": "green"}
+ANIMAL_SIZES = {"cat": "small", "dog": "big", "bird": "tiny", "fish": "small", "king": "big", "queen": "tiny"}
+
+
+def train_two_adapters(base: Path, root: Path) -> AdapterStore:
+    """'colors' and 'sizes': two adapters trained on the tiny base, each answering its own task."""
+    from train.__main__ import main as train_cli
+
+    store = AdapterStore(root / "store")
+    for name, table, question in (("colors", ANIMAL_COLORS, "Color of {}?"), ("sizes", ANIMAL_SIZES, "Size of {}?")):
+        rows = [chat(question.format(a), v) for a, v in table.items()]
+        data = write_jsonl(root / name / "train.jsonl", rows * 20)
+        write_jsonl(root / name / "eval.jsonl", rows)
+        args = ["--name", name, "--base", str(base), "--data", str(data), "--eval-data", str(root / name / "eval.jsonl"),
+                "--r", "8", "--alpha", "16", "--lr", "5e-3", "--epochs", "10", "--micro-batch-size", "8",
+                "--runs-dir", str(root / "runs"), "--adapters", str(store.root)]
+        assert train_cli(args) == 0
+    return store
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a thread on a free loopback port; `url` once it accepts connections."""
+
+    def __init__(self, service, access):
+        import threading
+
+        import uvicorn
+
+        from serve.server import make_app
+
+        self.service, self.access = service, access
+        self.url = f"http://{access.host}:{access.port}"
+        config = uvicorn.Config(make_app(service, access), host=access.host, port=access.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start in 30 s"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.service.close()
+
+
+def start_service(base: Path, store: AdapterStore, max_queue: int = 32):
+    from serve.service import Service, ServiceConfig
+
+    return Service.start(ServiceConfig(base=str(base), adapters=str(store.root), max_queue=max_queue, watch_s=0.2))
+
+
+@pytest.fixture(scope="session")
+def two_adapters(tiny_base, tmp_path_factory) -> AdapterStore:
+    return train_two_adapters(tiny_base, tmp_path_factory.mktemp("two-adapters"))

@@ -1,0 +1,190 @@
+"""Everything the web server does, callable without gradio or HTTP: chat, compare, the adapter table.
+
+The Gradio UI (`serve/ui.py`) and the OpenAI-compatible API (`serve/api.py`) are thin layers
+over one `Service`: one base, one registry (watching the store), one engine and one decode loop.
+A bounded number of requests may be waiting or running; past it `submit` raises `BusyError`,
+so a flood gets "busy" answers instead of an unbounded queue eating memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
+from serve.batcher import ContinuousBatcher, Stream
+from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, ServeLimits
+from serve.registry import BASE_NAME, AdapterRegistry
+
+log = logging.getLogger(__name__)
+MAX_COMPARE = 6
+
+
+class BusyError(RuntimeError):
+    """The server holds its maximum number of requests; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    base: str = "models/demo-base"
+    adapters: str | None = None
+    """The adapter store (default: $ADAPTERS_DIR or adapters/store)."""
+    quantize: bool = True
+    max_loaded: int = 8
+    """Adapters resident on the device at once; the least recently used beyond it go to host memory."""
+    max_queue: int = 32
+    """Requests waiting or running at once; more get BusyError."""
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    watch_s: float = 1.0
+    """How often the store is scanned for new, replaced and deleted adapters."""
+
+
+@dataclass
+class Timing:
+    """Latency and speed of one reply, as the compare view shows them."""
+
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    name: str
+    task: str
+    base: str
+    rank: int | None
+    alpha: float | None
+    trainable_share: float | None
+    metric: str
+    trained: str
+    status: str
+    loss_curve: Path | None
+
+
+class Service:
+    def __init__(self, base: LoadedBase, registry: AdapterRegistry, config: ServiceConfig = ServiceConfig()):
+        self.base, self.registry, self.config = base, registry, config
+        self.engine = Engine(base, registry, max_loaded=config.max_loaded, limits=config.limits)
+        self.batcher = ContinuousBatcher(self.engine, max_batch=config.limits.max_batch)
+        self._slots = threading.BoundedSemaphore(config.max_queue)
+
+    @classmethod
+    def start(cls, config: ServiceConfig) -> "Service":
+        """Load the base once, register the store's adapters and keep watching it."""
+        base = load_base(BaseConfig(config.base, quantize=config.quantize))
+        registry = AdapterRegistry(AdapterStore(config.adapters), BaseShape.of(base.model, base.fingerprint))
+        registry.refresh()
+        registry.watch(config.watch_s)
+        return cls(base, registry, config)
+
+    def close(self) -> None:
+        self.registry.close()
+        self.batcher.close()
+
+    # -- requests --------------------------------------------------------------------
+    def submit(self, request: ChatRequest) -> Stream:
+        """Queue one request; BusyError when the server already holds its maximum."""
+        if not self._slots.acquire(blocking=False):
+            raise BusyError(f"server busy: {self.config.max_queue} requests are already waiting or running; retry shortly")
+        stream = self.batcher.submit(request)
+        stream.add_done_callback(lambda _: self._slots.release())
+        return stream
+
+    def chat(self, adapter: str, messages: list[Message], params: SamplingParams) -> Stream:
+        return self.submit(ChatRequest(adapter, tuple(messages), params))
+
+    def compare(self, adapters: list[str], messages: list[Message], params: SamplingParams) -> list[Stream]:
+        """The same prompt to several adapters, submitted together so they decode as one mixed batch."""
+        if not 1 <= len(adapters) <= MAX_COMPARE:
+            raise ValueError(f"compare takes 1 to {MAX_COMPARE} adapters, got {len(adapters)}")
+        streams: list[Stream] = []
+        try:
+            for name in adapters:
+                streams.append(self.submit(ChatRequest(name, tuple(messages), params)))
+        except BusyError:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
+
+    # -- adapters --------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        """'base' first, then every servable adapter."""
+        return self.registry.available()
+
+    def adapter_rows(self) -> list[AdapterRow]:
+        rows = [AdapterRow(BASE_NAME, "-", self.config.base, None, None, None, "-", "-", "servable (the base alone)", None)]
+        for entry in self.registry.servable():
+            card = entry.card
+            curve = entry.path / "loss.png"
+            rows.append(AdapterRow(
+                name=entry.name,
+                task=card.task if card else "-",
+                base=card.base.path if card else "-",
+                rank=entry.rank,
+                alpha=card.lora.alpha if card else None,
+                trainable_share=card.lora.trainable_share if card else None,
+                metric=f"{card.metric.name} {card.metric.base:.3f} -> {card.metric.adapter:.3f}" if card and card.metric else "-",
+                trained=_when(card.created_at) if card else "-",
+                status="servable, on device" if any(k.split("@", 1)[0] == entry.name for k in self.engine.resident()) else "servable",
+                loss_curve=curve if curve.is_file() else None,
+            ))
+        for rejection in self.registry.rejected():
+            rows.append(AdapterRow(rejection.name, "-", "-", None, None, None, "-", "-", f"rejected: {rejection.reason}", None))
+        return rows
+
+    def choice_label(self, name: str) -> str:
+        """'name (task, exact match 0.00 -> 0.95)' for the adapter pickers."""
+        if name == BASE_NAME:
+            return "base (no adapter)"
+        try:
+            entry = self.registry.resolve(name)
+        except KeyError:
+            return name
+        card = entry.card if entry else None
+        if card is None or card.metric is None:
+            return name
+        return f"{name} ({card.task}, {card.metric.name} {card.metric.base:.2f} -> {card.metric.adapter:.2f})"
+
+    def refresh(self) -> None:
+        self.registry.refresh()
+
+    def unload(self, name: str) -> bool:
+        return self.engine.evict(name)
+
+
+def timed(stream: Stream, started: float, timing: Timing):
+    """Iterate a stream's pieces while filling in its timing."""
+    for piece in stream:
+        if timing.first_token_s is None:
+            timing.first_token_s = time.perf_counter() - started
+        timing.total_s = time.perf_counter() - started
+        yield piece
+    result: ChatResult = stream.result
+    timing.total_s = time.perf_counter() - started
+    timing.tokens = result.new_tokens
+
+
+def divergence(reference: str, answer: str) -> int | None:
+    """Index of the first word where `answer` departs from `reference`; None when they agree."""
+    ref, ans = reference.split(), answer.split()
+    for i, (a, b) in enumerate(zip(ref, ans)):
+        if a != b:
+            return i
+    return None if len(ref) == len(ans) else min(len(ref), len(ans))
+
+
+def _when(iso: str) -> str:
+    try:
+        return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return iso
