@@ -21,7 +21,7 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots clean-demo help
+.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
 
 help:
 	@echo "make demo            set up, build the demo base and adapters if missing, start the server"
@@ -37,6 +37,9 @@ help:
 	@echo "make bench-train     our training loop vs Trainer + peft on the CPU (bench/results/train.json)"
 	@echo "make bench-gpu       Llama-3.2-1B and 3.1-8B shapes on a GPU; SIZE=tiny runs it on the CPU"
 	@echo "make serve-vllm      the vLLM multi-LoRA launch command for every servable adapter"
+	@echo "make sweep NAME= DATA= [RANKS=\"1 2 4 8 16 64\" ALPHAS= LRS=]   one adapter per setting, report in reports/"
+	@echo "make techniques NAME= DATA=   QLoRA, LoRA, last-N layers and full fine-tuning, with forgetting"
+	@echo "make eval            every adapter and the base on every task: reports/eval.md"
 
 # torch first, pinned: the CPU build on this machine's disk; an open range would pull CUDA.
 $(VENV)/.installed: pyproject.toml
@@ -90,6 +93,19 @@ serve-list: setup
 
 serve-vllm: setup
 	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) vllm
+
+# Evidence for choosing rank and technique (reports/): see the README's "Choosing rank and technique".
+RANKS ?= 1 2 4 8 16 64
+sweep: setup
+	@test -n "$(NAME)" -a -n "$(DATA)" || { echo "usage: make sweep NAME=name DATA=file.jsonl [RANKS=\"1 2 4\" ALPHAS=... LRS=... EVAL_DATA= EPOCHS= MAX_STEPS= CONFIG=]"; exit 2; }
+	$(PY) -m train.experiments sweep --ranks $(RANKS) $(if $(ALPHAS),--alphas $(ALPHAS)) $(if $(LRS),--lrs $(LRS)) $(TRAIN_FLAGS)
+
+techniques: setup
+	@test -n "$(NAME)" -a -n "$(DATA)" || { echo "usage: make techniques NAME=name DATA=file.jsonl [LAST_N=2 EVAL_DATA= EPOCHS= CONFIG=]"; exit 2; }
+	$(PY) -m train.experiments techniques --last-n $(or $(LAST_N),2) $(TRAIN_FLAGS)
+
+eval: setup
+	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) eval --data-dir data
 
 verify: setup
 	$(PY) -m train.verify --adapters $(ADAPTERS_DIR)

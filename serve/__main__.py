@@ -68,12 +68,30 @@ def cmd_web(args) -> int:
 
     access = access_from(args)  # bad --auth entries fail before the base loads
     config = ServiceConfig(base=args.base, adapters=args.adapters, quantize=not args.no_quant, max_loaded=args.max_loaded,
-                           max_queue=args.max_queue, limits=ServeLimits(max_new_tokens=args.max_new_tokens_limit))
+                           max_queue=args.max_queue, limits=ServeLimits(max_new_tokens=args.max_new_tokens_limit),
+                           reports=args.reports)
     service = Service.start(config)
     try:
         run(service, access)
     finally:
         service.close()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from serve.evaluate import evaluate_all, task_sets, write_report
+
+    registry, base = build_registry(args)
+    engine = Engine(base, registry, max_loaded=max(1, len(registry.servable())))
+    sets = task_sets(Path(args.data_dir), args.limit)
+    if not sets:
+        print(f"error: no <task>/eval.jsonl under {args.data_dir}", file=sys.stderr)
+        return 2
+    matrix = evaluate_all(engine, sets)
+    path = write_report(matrix, Path(args.reports), args.base)
+    print(path.read_text())
     return 0
 
 
@@ -105,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--max-queue", type=int, default=32, help="Requests waiting or running at once; more get 'busy'.")
     web.add_argument("--max-loaded", type=int, default=8, help="Adapters resident on the device at once.")
     web.add_argument("--max-new-tokens-limit", type=int, default=256, help="Server-side cap on max new tokens.")
+    web.add_argument("--reports", default="reports", help="Where `make eval` wrote the matrix the Adapters tab shows.")
+    evaluate = sub.add_parser("eval", help="Every servable adapter and the base on every task's eval set.")
+    evaluate.add_argument("--data-dir", default="data", help="Folder of <task>/eval.jsonl files.")
+    evaluate.add_argument("--limit", type=int, default=200, help="Examples per task.")
+    evaluate.add_argument("--reports", default="reports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    return {"list": cmd_list, "chat": cmd_chat, "vllm": cmd_vllm, "web": cmd_web}[args.command](args)
+    return {"list": cmd_list, "chat": cmd_chat, "vllm": cmd_vllm, "web": cmd_web, "eval": cmd_eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ class ServiceConfig:
     limits: ServeLimits = field(default_factory=ServeLimits)
     watch_s: float = 1.0
     """How often the store is scanned for new, replaced and deleted adapters."""
+    reports: str = "reports"
+    """Where `make eval` writes the adapter x task matrix the Adapters tab shows."""
 
 
 @dataclass
@@ -154,6 +156,17 @@ class Service:
         if card is None or card.metric is None:
             return name
         return f"{name} ({card.task}, {card.metric.name} {card.metric.base:.2f} -> {card.metric.adapter:.2f})"
+
+    def eval_matrix(self) -> tuple[list[str], list[list]] | None:
+        """The latest `make eval` matrix as (headers, rows), None when it was never run."""
+        from serve.evaluate import read_matrix
+
+        matrix = read_matrix(Path(self.config.reports))
+        if matrix is None:
+            return None
+        rows = [[m, *[f"{v:.3f}" + (" *" if matrix.trained_on.get(m) == t else "") for t, v in zip(matrix.tasks, matrix.row(m))]]
+                for m in matrix.models]
+        return ["model", *matrix.tasks], rows
 
     def refresh(self) -> None:
         self.registry.refresh()

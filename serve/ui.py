@@ -142,7 +142,7 @@ def _chat_tab(service: Service, choices, active: dict) -> None:
         for trigger in (send.click, message.submit)
     ]
     events.append(retry.click(drop_last_reply, [turns], outputs, api_visibility="private").then(respond, inputs, outputs, api_visibility="private"))
-    stop.click(cancel, None, None, api_visibility="private")
+    stop.click(cancel, None, None, cancels=events, api_visibility="private")  # ends the engine request and the UI stream
     clear.click(lambda: ([], []), None, outputs, api_visibility="private")
     adapter.focus(lambda: gr.Dropdown(choices=choices()), None, adapter, api_visibility="private")
 
@@ -230,6 +230,10 @@ def _adapters_tab(service: Service) -> None:
         unload = gr.Button("Unload from device")
     curve = gr.Image(label="Loss curve", type="filepath", height=300)
     note = gr.Markdown()
+    matrix = service.eval_matrix()
+    if matrix is not None:
+        gr.Markdown("**Adapter x task matrix** (exact match from `make eval`; * marks each adapter's own task)")
+        gr.Dataframe(matrix[1], headers=matrix[0], interactive=False, elem_id="eval-matrix")
 
     def show_curve(name: str | None):
         row = next((r for r in service.adapter_rows() if r.name == name), None)

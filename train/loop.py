@@ -115,6 +115,9 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
     layers = list(range(n_layers - lora.last_layers, n_layers)) if lora.last_layers else None
+    if layers and targets == "all-linear":
+        # peft takes a layer subset only with named targets: name every linear layer inside the blocks.
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n})
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
