@@ -168,7 +168,7 @@ class Engine:
             self._unload(key)
             changed = True
         if self._model is not None and (changed or self._router is None):
-            self._router = self._router or LoraRouter(self._model)
+            self._router = self._router or LoraRouter(self._model, self.base.compute_dtype)
             self._router.rebuild(self.cache.resident())
 
     def route(self, keys: list[str | None]) -> torch.nn.Module:

@@ -142,3 +142,28 @@ def test_rejected_adapters_have_reasons_and_the_rest_keep_serving(served, tiny_b
     results = engine.generate([request("good"), request("pickled")])
     assert results[0].error is None and "rejected: pickled weights" in results[1].error
 
+
+
+def test_each_resident_adapter_is_held_once_on_the_device(served, tiny_base):
+    """The router's stacks are the only copy: peft's own A and B are views into them, and an
+    evicted adapter's weights come back intact from host memory."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    _, _, registry = served
+    engine = new_engine(tiny_base, registry, max_loaded=3)
+    batch = [request(n, PROMPTS[1]) for n in ("a", "b", "c")]  # PROMPTS[0] has a near-tie for a (see test_batcher)
+    before = texts(engine, batch)
+    storages: dict[int, int] = {}
+    expected = 0
+    for layer in (m for m in engine._model.modules() if isinstance(m, LoraLayer)):
+        tensors = [*layer._stacked, *(layer.lora_A[k].weight for k in layer.lora_A), *(layer.lora_B[k].weight for k in layer.lora_B)]
+        for t in tensors:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        base = layer.get_base_layer()
+        # three adapter slots and the base's zero slot, rank 4, float32 on the CPU, plus one scale per slot
+        expected += 4 * (4 * (base.in_features + base.out_features) + 1) * 4
+    assert sum(storages.values()) == expected
+    engine.evict("a")  # to host memory and back: the same answers
+    assert texts(engine, batch) == before
+    assert all(layer.lora_A[k].weight.dtype == torch.float32 for layer in engine._model.modules() if isinstance(layer, LoraLayer) for k in layer.lora_A)
