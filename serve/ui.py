@@ -230,10 +230,18 @@ def _adapters_tab(service: Service) -> None:
         unload = gr.Button("Unload from device")
     curve = gr.Image(label="Loss curve", type="filepath", height=300)
     note = gr.Markdown()
-    matrix = service.eval_matrix()
-    if matrix is not None:
-        gr.Markdown("**Adapter x task matrix** (exact match from `make eval`; * marks each adapter's own task)")
-        gr.Dataframe(matrix[1], headers=matrix[0], interactive=False, elem_id="eval-matrix")
+    def matrix_view():
+        """The latest `make eval` matrix, hidden until there is one (read again on every refresh)."""
+        found = service.eval_matrix()
+        if found is None:
+            return gr.Dataframe(visible=False)
+        headers, rows = found
+        return gr.Dataframe(value=rows, headers=headers, visible=True)
+
+    found = service.eval_matrix()
+    matrix = gr.Dataframe(found[1] if found else None, headers=found[0] if found else None, interactive=False,
+                          elem_id="eval-matrix", visible=found is not None,
+                          label="Adapter x task matrix: exact match from `make eval`; * marks each adapter's own task")
 
     def show_curve(name: str | None):
         row = next((r for r in service.adapter_rows() if r.name == name), None)
@@ -241,7 +249,7 @@ def _adapters_tab(service: Service) -> None:
 
     def do_refresh():
         service.refresh()
-        return table(), gr.Dropdown(choices=names())
+        return table(), gr.Dropdown(choices=names()), matrix_view()
 
     def do_unload(name: str | None):
         if not name:
@@ -250,9 +258,9 @@ def _adapters_tab(service: Service) -> None:
         return table(), f"{name} moved to host memory" if done else f"{name} was not on the device"
 
     selected.change(show_curve, selected, curve, api_visibility="private")
-    refresh.click(do_refresh, None, [grid, selected], api_visibility="private")
+    refresh.click(do_refresh, None, [grid, selected, matrix], api_visibility="private")
     unload.click(do_unload, selected, [grid, note], api_visibility="private")
-    gr.Timer(5).tick(lambda: table(), None, grid, api_visibility="private")  # new adapters appear by themselves
+    gr.Timer(5).tick(lambda: (table(), matrix_view()), None, [grid, matrix], api_visibility="private")  # new adapters appear by themselves
 
 
 def _api_endpoints(service: Service) -> None:

@@ -65,12 +65,16 @@ def test_techniques_compare_four_ways_and_measure_forgetting_on_the_other_sets(t
 
 
 def test_the_matrix_diagonal_reads_each_adapters_own_task(tiny_base, two_adapters, tmp_path):
-    service = start_service(tiny_base, two_adapters)
+    service = start_service(tiny_base, two_adapters, reports=tmp_path / "reports")
     try:
+        assert service.eval_matrix() is None  # the Adapters tab hides it until make eval ran
         data_dir = two_adapters.root.parent  # colors/ and sizes/ with their eval sets
         matrix = evaluate_all(service.engine, task_sets(data_dir, 6))
+        write_report(matrix, tmp_path / "reports", str(tiny_base))
+        headers, rows = service.eval_matrix()
     finally:
         service.close()
+    assert headers == ["model", "colors", "sizes"] and rows[1][0] == "colors" and rows[1][1] == "1.000 *"
     assert matrix.models == ["base", "colors", "sizes"] and matrix.tasks == ["colors", "sizes"]
     assert matrix.trained_on == {"colors": "colors", "sizes": "sizes"}
     assert matrix.scores["colors"]["colors"] == 1.0 and matrix.scores["sizes"]["sizes"] >= 0.8
