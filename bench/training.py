@@ -24,9 +24,9 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, get
 from adapters.base import BaseConfig, LoadedBase
 from train.checkpoint import Progress
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
-from train.data import Tokenized, collate, length_grouped_batches
+from train.data import Tokenized, length_grouped_batches
 from train.evaluate import eval_loss
-from train.loop import attach_lora, count_steps, epoch_windows, make_optimizer, train_step
+from train.loop import attach_lora, count_steps, make_optimizer, run_steps
 
 
 @dataclass(frozen=True)
@@ -131,22 +131,15 @@ def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s
     steps = total_steps(len(train), s)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(s.warmup_ratio * steps), num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    lengths = [len(t.input_ids) for t in train]
-    progress, padded, pad_id = Progress(), 0, base.tokenizer.pad_token_id
+    progress, positions, pad_id = Progress(), [], base.tokenizer.pad_token_id
     model.train()
     with PeakMemory(base.device) as peak:
         start = time.perf_counter()
-        while progress.step < steps:
-            for window in epoch_windows(lengths, config, progress.epoch, accelerator):
-                micro = [collate([train[i] for i in batch], pad_id) for batch in window]
-                padded += sum(m["input_ids"].numel() for m in micro)
-                train_step(model, micro, optimizer, scheduler, accelerator, config, progress)
-                if progress.step >= steps:
-                    break
-            progress.epoch += 1
+        run_steps(model, train, pad_id, optimizer, scheduler, accelerator, config, progress, steps,
+                  on_batch=lambda micro: positions.extend(m["input_ids"].numel() for m in micro))
     train_s = time.perf_counter() - start
     loss = eval_loss(model, evals, pad_id, s.micro_batch_size, base.device)
-    return RunStats("ours", progress.step, progress.tokens, padded, train_s, peak.mb, loss), accelerator.unwrap_model(model)
+    return RunStats("ours", progress.step, progress.tokens, sum(positions), train_s, peak.mb, loss), accelerator.unwrap_model(model)
 
 
 class _CountingCollator:

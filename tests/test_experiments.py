@@ -7,10 +7,8 @@ import json
 import pytest
 
 from adapters import AdapterStore
-from serve.engine import Engine
 from serve.evaluate import evaluate_all, read_matrix, task_sets, write_report
 from tests.conftest import ANIMAL_SIZES, chat, start_service, write_jsonl
-from train.config import config_from_args
 from train.experiments import main as experiments_main, recommend, SweepRow
 
 

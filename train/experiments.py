@@ -32,14 +32,14 @@ from peft import PeftModel
 import yaml
 from transformers import get_scheduler, set_seed
 
-from adapters.base import BaseConfig, load_base
+from adapters.base import load_base
 from adapters.card import AdapterCard, read_card
 from adapters.store import AdapterStore
 from train.checkpoint import Progress
 from train.config import TrainConfig, config_from_args, config_from_dict, config_to_dict
-from train.data import collate, length_grouped_batches, load_examples
+from train.data import length_grouped_batches, load_examples
 from train.evaluate import eval_loss, exact_match
-from train.loop import count_steps, epoch_windows, peak_memory_mb, prepare_data, train_step
+from train.loop import count_steps, peak_memory_mb, prepare_data, run_steps
 from train.report import markdown_table, plot_bars, plot_series
 
 log = logging.getLogger(__name__)
@@ -182,15 +182,10 @@ def train_full(config: TrainConfig) -> tuple[torch.nn.Module, object, dict]:
     _, total = count_steps(len(length_grouped_batches(lengths, config.optim.micro_batch_size, 0)), config)
     scheduler = get_scheduler(config.optim.schedule, optimizer, num_warmup_steps=int(config.optim.warmup_ratio * total), num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
-    progress, pad = Progress(), base.tokenizer.pad_token_id
+    pad = base.tokenizer.pad_token_id
     model.train()
     started = time.perf_counter()
-    while progress.step < total:
-        for window in epoch_windows(lengths, config, progress.epoch, accelerator):
-            train_step(model, [collate([data.train[i] for i in b], pad) for b in window], optimizer, scheduler, accelerator, config, progress)
-            if progress.step >= total:
-                break
-        progress.epoch += 1
+    run_steps(model, data.train, pad, optimizer, scheduler, accelerator, config, Progress(), total)
     seconds = time.perf_counter() - started
     model.eval()
     stats = {
@@ -271,8 +266,8 @@ def write_techniques_report(config: TrainConfig, rows: list[TechniqueRow], repor
     )
     detail = markdown_table(
         ["technique", *tasks],
-        [[f"untouched base (4-bit)", *[rows[0].reference[t] for t in tasks]]]
-        + [[f"untouched base (unquantized)", *[rows[-1].reference[t] for t in tasks]]]
+        [["untouched base (4-bit)", *[rows[0].reference[t] for t in tasks]]]
+        + [["untouched base (unquantized)", *[rows[-1].reference[t] for t in tasks]]]
         + [[r.technique, *[r.others[t] for t in tasks]] for r in rows],
     )
     budget = f"{config.optim.max_steps} steps" if config.optim.max_steps else f"{config.optim.epochs:g} epochs"

@@ -247,6 +247,22 @@ def epoch_windows(lengths: list[int], config: TrainConfig, epoch: int, accelerat
     return [order[i : i + accum] for i in range(0, len(order), accum)]
 
 
+def run_steps(model, items: list[Tokenized], pad_id: int, optimizer, scheduler, accelerator: Accelerator,
+              config: TrainConfig, progress: Progress, total: int, on_batch=None) -> None:
+    """Optimizer steps over length-grouped epochs until `total`, without evals or checkpoints:
+    the plain loop that the benchmarks and full fine-tuning share. on_batch(micro) sees each step's batches."""
+    lengths = [len(t.input_ids) for t in items]
+    while progress.step < total:
+        for window in epoch_windows(lengths, config, progress.epoch, accelerator):
+            micro = [collate([items[i] for i in batch], pad_id) for batch in window]
+            if on_batch is not None:
+                on_batch(micro)
+            train_step(model, micro, optimizer, scheduler, accelerator, config, progress)
+            if progress.step >= total:
+                return
+        progress.epoch += 1
+
+
 def train_step(model, micro: list[dict], optimizer, scheduler, accelerator: Accelerator, config: TrainConfig, progress: Progress) -> float:
     """One optimizer step over its micro-batches; returns the step's loss per target token."""
     loss_value = accumulate_gradients(model, micro, accelerator, progress)
