@@ -248,6 +248,7 @@ def chat_requests(adapters: list[str], n: int, new_tokens: int) -> list[ChatRequ
 def engine_throughput(engine: Engine, requests: list[ChatRequest]) -> float:
     """Generated tokens per second for requests submitted at once to the decode loop."""
     batcher = ContinuousBatcher(engine)
+    batcher.wait_ready()
     try:
         start = time.perf_counter()
         with ThreadPoolExecutor(len(requests)) as pool:

@@ -40,6 +40,7 @@ def requests_for(names: list[str], n: int, max_new: int) -> list[ChatRequest]:
 def run_engine(engine: Engine, requests: list[ChatRequest]) -> tuple[list[str], int, float]:
     """16 client threads submit at once; the decode loop batches them step by step."""
     batcher = ContinuousBatcher(engine)
+    batcher.wait_ready()  # a server's loop is up before its first request
     start = time.perf_counter()
     with ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(batcher.generate, requests))
@@ -48,8 +49,13 @@ def run_engine(engine: Engine, requests: list[ChatRequest]) -> tuple[list[str], 
     return [r.text for r in results], sum(r.new_tokens for r in results), elapsed
 
 
-def run_baseline(base_path: str, store: AdapterStore, names: list[str], requests: list[ChatRequest]) -> tuple[list[str], int, float]:
-    """What a plain peft server does: one shared model, set_adapter under a lock, one request at a time."""
+def run_baseline(base_path: str, store: AdapterStore, names: list[str], requests: list[ChatRequest],
+                 threads: int | None = None) -> tuple[list[str], int, float]:
+    """What a plain peft server does: one shared model, set_adapter under a lock, one request at a time.
+
+    `threads`: the intra-op threads its request threads use; the bench gives it the engine's
+    choice, so the comparison is of batching, not of thread settings.
+    """
     base = load_base(BaseConfig(base_path))
     model = PeftModel.from_pretrained(base.model, str(store.path(names[0])), adapter_name=names[0])
     for name in names[1:]:
@@ -71,10 +77,12 @@ def run_baseline(base_path: str, store: AdapterStore, names: list[str], requests
             new = new[: new.index(tokenizer.eos_token_id)]
         return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(len(requests)) as pool:
+    setup = (lambda: torch.set_num_threads(threads)) if threads else None
+    with ThreadPoolExecutor(len(requests), initializer=setup) as pool:
+        list(pool.map(lambda _: None, range(len(requests))))  # start the workers outside the timing
+        start = time.perf_counter()
         results = list(pool.map(serve_one, requests))
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
     return [t for t, _ in results], sum(n for _, n in results), elapsed
 
 
@@ -142,7 +150,7 @@ def main() -> None:
     requests = requests_for(names, args.requests, args.max_new_tokens)
     run_engine(engine, requests[:4])  # load the adapters once, as a running server has
     ours, our_tokens, our_s = run_engine(engine, requests)
-    theirs, their_tokens, their_s = run_baseline(args.base, store, names, requests)
+    theirs, their_tokens, their_s = run_baseline(args.base, store, names, requests, threads=engine.decode_threads)
     with_adapter = adapter_latency(engine, names[0], 32, 5)
     plain = load_base(BaseConfig(args.base))  # the base alone: a copy with no LoRA layers at all
     warm_up(plain)
@@ -151,6 +159,8 @@ def main() -> None:
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
         "base": args.base,
         "requests": args.requests,
+        "intra_op_threads": {"engine_decode_loop": engine.decode_threads, "baseline_request_threads": engine.decode_threads,
+                             "main_thread": torch.get_num_threads()},
         "adapters": names,
         "engine_tokens_per_s": round(our_tokens / our_s, 1),
         "baseline_tokens_per_s": round(their_tokens / their_s, 1),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -91,14 +92,18 @@ class Running:
 
 
 class ContinuousBatcher:
-    def __init__(self, engine: Engine, max_batch: int = 32, gather_s: float = 0.003):
+    def __init__(self, engine: Engine, max_batch: int = 32, gather_s: float = 0.003, threads: int | None = None):
+        """threads: intra-op threads for the decode loop's CPU work; None measures (see _choose_threads)."""
         self.engine, self.max_batch, self.gather_s = engine, max_batch, gather_s
+        self.threads = threads
+        self._default_threads = torch.get_num_threads()  # read here: a new thread may report another count
         self._waiting: queue.Queue = queue.Queue()
         self._running: list[Running] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, cached_len]: 0 where a row is left-padded
         self._pending: tuple[DynamicCache, torch.Tensor] | None = None  # prefilled, not yet joined
         self._stop = threading.Event()
+        self._ready = threading.Event()
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self._thread.start()
@@ -117,7 +122,54 @@ class ContinuousBatcher:
         self._thread.join(timeout=30)
 
     # -- the loop ----------------------------------------------------------------------
+    def _choose_threads(self) -> None:
+        """Set this thread's intra-op threads: as configured, or on the CPU the faster of 1 and
+        torch's default, timed on a small decode step.
+
+        Outside the main thread, torch's OpenMP threads cost a fixed synchronisation per operator:
+        on the 2-core CI machine a demo-base decode step took 17 ms with 2 threads and 6.5 ms with
+        1. A large model's operators amortise it, and there the default wins. On a GPU the CPU
+        threads only launch kernels, so nothing is changed.
+        """
+        self.threads = self.threads or self.engine.decode_threads  # measured once per engine
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+            return
+        if self.engine.base.device.type != "cpu" or self._default_threads == 1:
+            torch.set_num_threads(self._default_threads)
+            return
+        timings = {}
+        for n in (self._default_threads, 1):
+            torch.set_num_threads(n)
+            timings[n] = self._time_decode_step()
+        self.threads = self.engine.decode_threads = min(timings, key=timings.get)
+        torch.set_num_threads(self.threads)
+        log.info("decode loop: %d intra-op thread(s) (step %s ms)", self.threads,
+                 {n: round(t * 1000, 2) for n, t in timings.items()})
+
+    @torch.no_grad()
+    def _time_decode_step(self, batch: int = 4, context: int = 16, repeats: int = 3) -> float:
+        """Seconds for one base-only decode step of `batch` rows, the best of a few."""
+        model, device = self.engine.route([None] * batch), self.engine.base.device
+        ids = torch.full((batch, context), self.engine.base.tokenizer.pad_token_id, device=device)
+        cache = DynamicCache()
+        model(input_ids=ids, use_cache=True, past_key_values=cache, logits_to_keep=1)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first run warms this thread's kernels
+            start = time.perf_counter()
+            model(input_ids=ids[:, :1], use_cache=True, past_key_values=cache, logits_to_keep=1)
+            best = min(best, time.perf_counter() - start)
+            cache.crop(-1)
+        return best
+
+    def wait_ready(self, timeout: float | None = 60) -> None:
+        """Block until the loop has chosen its threads and takes requests (they queue before that)."""
+        self._ready.wait(timeout)
+
     def _loop(self) -> None:
+        with self.engine._lock:  # the engine's model is only ever run under its lock
+            self._choose_threads()
+        self._ready.set()
         while not self._stop.is_set():
             admitted: list[Running] = []
             try:

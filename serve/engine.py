@@ -131,6 +131,8 @@ class Engine:
         self._lock = threading.Lock()
         self._templates: dict[str, str | None] = {}
         self.loads_from_disk = 0
+        self.decode_threads: int | None = None
+        """Intra-op threads the decode loop chose for this engine (serve/batcher.py)."""
         warm_up(base)
 
     # -- adapter residency -------------------------------------------------------------

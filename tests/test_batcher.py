@@ -120,3 +120,23 @@ def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(batcher, m
     failed = batcher.generate(request("a"), 60)
     assert failed.error == "device lost"
     assert batcher.generate(request("a"), 60).text == texts(engine, [request("a")])[0]
+
+
+def test_the_decode_loop_measures_its_threads_once_per_engine(served, tiny_base):
+    import torch
+
+    _, _, registry = served
+    engine = new_engine(tiny_base, registry, 2)
+    first = ContinuousBatcher(engine)
+    first.wait_ready()
+    assert engine.decode_threads in {1, torch.get_num_threads()}
+    first.close()
+    second = ContinuousBatcher(engine, threads=None)
+    second.wait_ready()
+    assert second.threads == engine.decode_threads  # reused, not measured again
+    assert second.generate(request("a", PROMPTS[1]), timeout=60).error is None
+    second.close()
+    pinned = ContinuousBatcher(engine, threads=1)
+    pinned.wait_ready()
+    assert pinned.threads == 1
+    pinned.close()
