@@ -27,4 +27,7 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     for key in ("decode_base_tokens_per_s", "decode_adapter_tokens_per_s", "engine_base_only_tokens_per_s",
                 "engine_1_adapters_tokens_per_s", "engine_16_adapters_tokens_per_s", "set_adapter_16_adapters_tokens_per_s"):
         assert serving[key] > 0, key
+    for k in (1, 4, 16):
+        ratio = serving[f"engine_{k}_adapters_tokens_per_s"] / serving["set_adapter_16_adapters_tokens_per_s"]
+        assert serving[f"serve_{k}_adapters_vs_set_adapter"] == round(ratio, 2)
     assert "tiny" in done.stdout  # the table
