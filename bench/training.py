@@ -24,7 +24,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, get
 from adapters.base import BaseConfig, LoadedBase
 from train.checkpoint import Progress
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
-from train.data import Tokenized, length_grouped_batches
+from train.data import Tokenized
 from train.evaluate import eval_loss
 from train.loop import attach_lora, count_steps, make_optimizer, run_steps
 
@@ -182,17 +182,3 @@ def run_trainer(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized]
     loss = eval_loss(model, evals, base.tokenizer.pad_token_id, s.micro_batch_size, base.device)
     return RunStats("trainer", steps, collator.real, collator.padded, train_s, peak.mb, loss), model
 
-
-def padding_share(items: list[Tokenized], s: BenchSettings) -> dict[str, float]:
-    """Share of padding positions with length grouping vs random batches, computed without a model."""
-    lengths = [len(t.input_ids) for t in items]
-    grouped = length_grouped_batches(lengths, s.micro_batch_size, s.seed)
-    generator = torch.Generator().manual_seed(s.seed)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    shuffled = [order[i : i + s.micro_batch_size] for i in range(0, len(order), s.micro_batch_size)]
-
-    def share(batches):
-        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-        return round(1 - sum(lengths) / padded, 3)
-
-    return {"grouped": share(grouped), "random": share(shuffled)}

@@ -130,6 +130,8 @@ class Engine:
         """Evicted adapters' weights kept in host memory: reloading them reads no file."""
         self._lock = threading.Lock()
         self._templates: dict[str, str | None] = {}
+        self._names: dict[str, str] = {}
+        """Adapter key -> adapter name (keys escape '.', so a name is not recoverable from its key)."""
         self.loads_from_disk = 0
         self.decode_threads: int | None = None
         """Intra-op threads the decode loop chose for this engine (serve/batcher.py)."""
@@ -165,6 +167,7 @@ class Engine:
         for key, entry in needed.items():
             if not self.cache.touch(key):
                 self._load(entry)
+                self._names[key] = entry.name
                 changed = True
         for key in self.cache.evictions(pinned=set(needed)):
             self._unload(key)
@@ -183,13 +186,17 @@ class Engine:
     def resident(self) -> list[str]:
         return self.cache.resident()
 
+    def resident_names(self) -> set[str]:
+        """Names of the adapters whose weights are on the device now."""
+        return {self._names[key] for key in self.cache.resident()}
+
     def evict(self, name: str) -> bool:
         """Move an adapter's weights off the device (kept in host memory); True when it was resident.
 
         A request still running on it is unaffected: its next step makes it resident again.
         """
         with self._lock:
-            keys = [k for k in self.cache.resident() if k.split("@", 1)[0] == name]
+            keys = [k for k in self.cache.resident() if self._names[k] == name]
             for key in keys:
                 self.cache.remove(key)
                 self._unload(key)

@@ -125,6 +125,7 @@ class Service:
 
     def adapter_rows(self) -> list[AdapterRow]:
         rows = [AdapterRow(BASE_NAME, "-", self.config.base, None, None, None, "-", "-", "servable (the base alone)", None)]
+        on_device = self.engine.resident_names()
         for entry in self.registry.servable():
             card = entry.card
             curve = entry.path / "loss.png"
@@ -137,7 +138,7 @@ class Service:
                 trainable_share=card.lora.trainable_share if card else None,
                 metric=f"{card.metric.name} {card.metric.base:.3f} -> {card.metric.adapter:.3f}" if card and card.metric else "-",
                 trained=_when(card.created_at) if card else "-",
-                status="servable, on device" if any(k.split("@", 1)[0] == entry.name for k in self.engine.resident()) else "servable",
+                status="servable, on device" if entry.name in on_device else "servable",
                 loss_curve=curve if curve.is_file() else None,
             ))
         for rejection in self.registry.rejected():

@@ -167,3 +167,18 @@ def test_each_resident_adapter_is_held_once_on_the_device(served, tiny_base):
     engine.evict("a")  # to host memory and back: the same answers
     assert texts(engine, batch) == before
     assert all(layer.lora_A[k].weight.dtype == torch.float32 for layer in engine._model.modules() if isinstance(layer, LoraLayer) for k in layer.lora_A)
+
+
+def test_unload_finds_an_adapter_whose_name_has_a_dot(served, tiny_base):
+    """Keys escape '.', so the engine maps keys back to names itself."""
+    store, _, registry = served
+    save_random_adapter(store, "x.v1", tiny_base, seed=7)
+    registry.refresh()
+    try:
+        engine = new_engine(tiny_base, registry)
+        texts(engine, [request("x.v1", PROMPTS[1])])
+        assert engine.resident_names() == {"x.v1"}
+        assert engine.evict("x.v1") is True and engine.resident_names() == set()
+    finally:
+        store.delete("x.v1")
+        registry.refresh()
