@@ -47,6 +47,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m serve.kernels  # compile the fused CPU LoRA kernel (~30 s, once) here, not at the first server start
 	touch $@
 
 setup: $(VENV)/.installed

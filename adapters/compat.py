@@ -46,6 +46,8 @@ class AdapterShape:
     """adapter_config.json as written by peft."""
     lora_shapes: dict[str, tuple[int, int]]
     """Module name -> (in_features, out_features) implied by its lora_A and lora_B."""
+    embedding_modules: tuple[str, ...] = ()
+    """Modules with embedding LoRA weights (lora_embedding_A/B)."""
 
 
 def read_adapter_files(folder: Path) -> AdapterShape:
@@ -66,15 +68,20 @@ def read_adapter_files(folder: Path) -> AdapterShape:
         raise AdapterCheckError(f"{ADAPTER_CONFIG} is not valid JSON: {err}") from err
     if config.get("peft_type") != "LORA":
         raise AdapterCheckError(f"{ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    return AdapterShape(config, _lora_shapes(weights_path))
+    shapes = _tensor_shapes(weights_path)
+    embeddings = sorted({key.split(".lora_embedding_")[0].removeprefix(KEY_PREFIX) for key in shapes if ".lora_embedding_" in key})
+    return AdapterShape(config, _lora_shapes(shapes), tuple(embeddings))
 
 
-def _lora_shapes(weights_path: Path) -> dict[str, tuple[int, int]]:
+def _tensor_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as err:  # safetensors raises several types (a truncated file included)
         raise AdapterCheckError(f"{ADAPTER_WEIGHTS} is not a readable safetensors file: {err}") from err
+
+
+def _lora_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
     in_out: dict[str, list[int | None]] = {}
     for key, shape in shapes.items():
         for part, index in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
@@ -90,7 +97,7 @@ def _lora_shapes(weights_path: Path) -> dict[str, tuple[int, int]]:
 def check_adapter(folder: Path, base: BaseShape) -> AdapterShape:
     """Raise AdapterCheckError with every reason the adapter cannot be served on this base."""
     adapter = read_adapter_files(folder)
-    problems = []
+    problems = unservable_variants(adapter)
     if (Path(folder) / CARD_FILE).is_file():
         card = read_card(folder)
         if card.base.fingerprint != base.fingerprint:
@@ -112,6 +119,26 @@ def check_adapter(folder: Path, base: BaseShape) -> AdapterShape:
     if problems:
         raise AdapterCheckError("; ".join(problems))
     return adapter
+
+
+def unservable_variants(adapter: AdapterShape) -> list[str]:
+    """What a plain-LoRA adapter does not have and the serving engine cannot compute per request.
+
+    The engine adds each row's own scale·B·A to shared linear layers; anything that changes the
+    shared base itself (trained biases, full module copies) or that is not a low-rank product on
+    a linear layer (DoRA's magnitudes, embedding LoRA) would leak into other requests or be
+    silently dropped, so it is refused when the adapter is registered.
+    """
+    config, problems = adapter.config, []
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora) is not supported: the engine serves plain LoRA")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']}: fully trained module copies are not served per request")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append("trained biases (bias / lora_bias) would change the shared base for every request")
+    if adapter.embedding_modules:
+        problems.append(f"LoRA on embedding layers {list(adapter.embedding_modules)} is not served (linear layers only)")
+    return problems
 
 
 def base_shape_from_config(path: str) -> BaseShape:

@@ -2,7 +2,7 @@
 
 Every step the loop (1) admits waiting requests: their prompts are prefilled as one mixed
 batch and their KV caches joined to the running batch, and (2) decodes one token for every
-running request, each row through its own adapter (`adapter_names`). A request that arrives
+running request, each row through its own adapter (`serve/routing.py`). A request that arrives
 while others generate joins at the next step instead of waiting for the longest one to end;
 a finished request leaves the batch at once. Tokens stream to each caller as they come.
 """

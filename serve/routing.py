@@ -1,39 +1,113 @@
-"""Per-row LoRA routing with stacked weights (the S-LoRA/Punica idea, in plain torch).
+"""Per-row LoRA routing with stacked weights (the S-LoRA/Punica idea).
 
 peft's `adapter_names` path loops over the batch's adapters in every adapted layer; on a small
 model those Python-level steps cost more than the arithmetic. Here each adapted layer keeps its
-resident adapters' A and B stacked ([slots, r, in] and [slots, out, r], ranks zero-padded to
-the largest, with each slot's alpha/r), and adds `(x·A[slot]ᵀ·B[slot]ᵀ)·alpha/r` for every row
-with two batched matmuls, however many adapters the batch mixes. The last slot is all zeros: the
-base. The stacks are the only copy of the adapters' weights on the device.
+resident adapters' A and B stacked, A as [slots·R, in] and Bᵀ as [slots·R, out] (ranks
+zero-padded to the largest, R; slot s owns rows s·R .. s·R+R of both), and one step costs the
+same few operations per layer however many adapters the batch mixes:
+
+- on the CPU in float32, one call of a fused kernel (`serve/kernels`) that computes each row's
+  `scale·(x·Aₛᵀ)·Bₛ` for its own slot s and adds it to the base layer's output;
+- otherwise (a GPU, other dtypes, long prefills) torch ops: when every row uses one adapter, two
+  matrix products with that slot's own blocks; when rows mix adapters, `h = x·Aᵀ` for every slot
+  at once, `h *= mask` (each row keeps its own slot's columns, times its alpha/r), `y += h·Bᵀ`.
+
+When every row uses the base, nothing is added. The stacks are the only copy of the adapters'
+weights on the device: peft's own A and B are views into them.
 
 Only the engine uses this, under its lock; the rows are set before each forward. A routed
 model ignores peft's active-adapter state (`set_adapter`, `disable_adapter`): the rows decide.
+Plain LoRA on linear layers only: the registry refuses what this cannot compute (DoRA,
+embedding LoRA, modules_to_save).
 """
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
+
+from serve import kernels
+
+KERNEL_MAX_ROWS = 64
+"""Above this many rows (a long prefill) torch's blocked matrix products beat the row-at-a-time kernel."""
+
+BASE = -1
+"""`LoraRouter.single` when every row uses the base alone."""
+
+
+@dataclass
+class LayerStacks:
+    """One adapted layer's resident adapters, and the per-slot views the one-adapter path uses."""
+
+    A: torch.Tensor
+    """[slots·R, in]; slot s owns rows s·R .. s·R + r_s (the rest of its R rows are zero)."""
+    Bt: torch.Tensor
+    """[slots·R, out]: B transposed, the same rows per slot."""
+    scale: tuple[float, ...]
+    """alpha/r per slot."""
+    scale_t: torch.Tensor
+    """The same as a float tensor, for the kernel."""
+    At: list[torch.Tensor]
+    """Per slot, its [in, R] block of Aᵀ (a view)."""
+    Bts: list[torch.Tensor]
+    """Per slot, its [R, out] block of Bᵀ (a view)."""
+    mask_id: int
+    """Which of the router's row masks fits this layer's scales (layers sharing scales share one)."""
 
 
 def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    result = self.base_layer(x, *args, **kwargs)
+    # Runs once per adapted layer per decode step, so it reaches the base layer's forward and
+    # its own state through plain instance attributes (see LoraRouter._patch), and on the CPU
+    # does its work in one kernel call.
+    result = self._routed_base(x, *args, **kwargs)
     router: LoraRouter = self._router
-    A, B, scale = self._stacked  # [slots, r, in], [slots, out, r], [slots]
-    if router.single is not None:  # every row on one slot: two plain matmuls, or none for the base
-        if router.single == len(router.keys):
-            return result
-        slot = router.single
-        delta = F.linear(F.linear(x.to(A.dtype), A[slot]), B[slot]) * scale[slot]
-        return result + delta.to(result.dtype)
-    rows = router.rows.to(A.device)  # [batch]
-    hidden = torch.bmm(x.to(A.dtype), A[rows].transpose(1, 2))  # [batch, seq, r]
-    delta = torch.bmm(hidden, B[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)  # [batch, seq, out]
-    return result + delta.to(result.dtype)
+    if router.single == BASE:
+        return result
+    stacks: LayerStacks = self._stacks
+    # The kernel declines (False) what it does not take: other dtypes, strided rows, autograd,
+    # and prefills over KERNEL_MAX_ROWS rows, where torch's blocked matrix products are faster.
+    if router.lora_add is not None and router.lora_add(result, x, stacks.A, stacks.Bt, router.item_slots,
+                                                       stacks.scale_t, router.rank, KERNEL_MAX_ROWS):
+        return result
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != stacks.A.dtype:
+        x2 = x2.to(stacks.A.dtype)
+    slot = router.single
+    if slot is not None:  # one adapter for every row: its own blocks, no mask
+        hidden = torch.mm(x2, stacks.At[slot])
+        return _add_product(result, hidden, stacks.Bts[slot], stacks.scale[slot])
+    if x2.shape[0] > KERNEL_MAX_ROWS:  # a long mixed prefill: each adapter's own rows only
+        return _add_grouped(router, stacks, x.to(x2.dtype), result)
+    hidden = torch.mm(x2, stacks.A.t())  # short steps: every slot at once, fewest ops
+    mask = router.mask(stacks.mask_id)  # [batch, 1, slots·R]
+    hidden.view(mask.shape[0], -1, hidden.shape[-1]).mul_(mask)
+    return _add_product(result, hidden, stacks.Bt, 1.0)
+
+
+def _add_grouped(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """For each adapter in the batch, the delta of its own batch items ([batch, ...] on dim 0):
+    a few ops per adapter instead of every slot's product for every row."""
+    in_place = result.dtype == x.dtype and not torch.is_grad_enabled()
+    for slot, items in router.groups():
+        hidden = torch.matmul(x.index_select(0, items), stacks.At[slot])
+        delta = torch.matmul(hidden, stacks.Bts[slot]).to(result.dtype)
+        if in_place:
+            result.index_add_(0, items, delta, alpha=stacks.scale[slot])
+        else:
+            result = result.index_add(0, items, delta, alpha=stacks.scale[slot])
+    return result
+
+
+def _add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """result + scale·hidden·weight, in place when nothing needs result's old value for a gradient."""
+    if result.dtype != hidden.dtype or torch.is_grad_enabled():
+        delta = torch.mm(hidden, weight).mul_(scale)
+        return result + delta.view_as(result).to(result.dtype)
+    result.view(-1, result.shape[-1]).addmm_(hidden, weight, alpha=scale)
+    return result
 
 
 class LoraRouter:
@@ -42,9 +116,22 @@ class LoraRouter:
         self.dtype = dtype
         """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
         self.keys: list[str] = []
-        self.rows = torch.zeros(0, dtype=torch.long)
-        self.single: int | None = None
-        """The one slot every row uses, when they all use the same."""
+        self.rank = 1
+        """R: every slot's rank, padded to the largest resident one."""
+        self.single: int | None = BASE
+        """The one slot every row uses, when they all use the same (BASE: the base alone)."""
+        self.item_slots = torch.zeros(1, dtype=torch.long)
+        """The kernel's view of the rows: a slot per batch item (-1: the base), or one slot for all."""
+        self._slots: list[int] = []
+        self._groups: list[tuple[int, torch.Tensor]] | None = None
+        self._masks: list[torch.Tensor] | None = None
+        """Per distinct scale vector, [batch, 1, slots·R]: each row's own slot's columns times its
+        alpha/r; made on the first forward of a step that needs them (the kernel does not)."""
+        self.lora_add = None
+        """The fused CPU kernel's entry point, when the stacks are float32 on the CPU and it could be built."""
+        self._scale_vectors: list[tuple[float, ...]] = []
+        self._device, self._dtype = torch.device("cpu"), torch.float32
+        """Where and in what dtype the stacks live (the masks must match)."""
 
     def layers(self) -> list[LoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
@@ -52,13 +139,33 @@ class LoraRouter:
     def rebuild(self, keys: list[str]) -> None:
         """Stack the weights of `keys` (slot i = keys[i]) in every adapted layer; patch new layers."""
         self.keys = list(keys)
-        for layer in self.layers():
+        layers = self.layers()
+        self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
+        self._scale_vectors = []
+        for layer in layers:
             if not hasattr(layer, "_router"):
-                layer._router = self
-                layer.forward = types.MethodType(_routed_forward, layer)
-            layer._stacked = self._stack(layer)
+                self._patch(layer)
+            layer._stacks = self._stack(layer)
+        on_cpu_fp32 = self._device.type == "cpu" and self._dtype == torch.float32
+        kernel = kernels.load() if on_cpu_fp32 else None
+        self.lora_add = kernel.lora_add_ if kernel is not None else None
+        self.single, self._slots, self._masks, self._groups = BASE, [], None, None
 
-    def _stack(self, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _patch(self, layer: LoraLayer) -> None:
+        """Route this layer's forward through the stacks.
+
+        The base layer's forward is kept as a plain attribute and called directly: going through
+        the submodule lookup and `nn.Module.__call__` again costs microseconds per layer per token,
+        a measurable share of a small model's decode step. Only when the base layer has hooks of
+        its own is it called as a module, so that they still run.
+        """
+        base = layer.get_base_layer()
+        hooked = base._forward_hooks or base._forward_pre_hooks
+        layer.__dict__["_routed_base"] = base if hooked else base.forward  # not registered as a submodule twice
+        layer._router = self
+        layer.forward = types.MethodType(_routed_forward, layer)
+
+    def _stack(self, layer: LoraLayer) -> LayerStacks:
         """Stack the resident adapters of one layer, then point peft's own A and B at the stacks.
 
         Afterwards each adapter's weights exist once, in the compute dtype (peft loads them in
@@ -66,32 +173,62 @@ class LoraRouter:
         dict (eviction to host memory) working on the same storage.
         """
         base = layer.get_base_layer()
-        n_in, n_out = base.in_features, base.out_features
+        R, slots = self.rank, len(self.keys)
         present = [k for k in self.keys if k in layer.lora_A]
-        rank = max([layer.r[k] for k in present], default=1)
         ref = layer.lora_A[present[0]].weight if present else None
         dtype = self.dtype or (ref.dtype if ref is not None else torch.float32)
         device = ref.device if ref is not None else torch.device("cpu")
-        A = torch.zeros(len(self.keys) + 1, rank, n_in, dtype=dtype, device=device)
-        B = torch.zeros(len(self.keys) + 1, n_out, rank, dtype=dtype, device=device)
-        scale = torch.zeros(len(self.keys) + 1, dtype=dtype, device=device)
+        self._device, self._dtype = device, dtype
+        A = torch.zeros(slots * R, base.in_features, dtype=dtype, device=device)
+        Bt = torch.zeros(slots * R, base.out_features, dtype=dtype, device=device)
+        scale = [0.0] * slots
         for slot, key in enumerate(self.keys):
             if key in layer.lora_A:
-                r = layer.r[key]
-                A[slot, :r] = layer.lora_A[key].weight.detach()
-                B[slot, :, :r] = layer.lora_B[key].weight.detach()
-                scale[slot] = layer.scaling[key]
-        for slot, key in enumerate(self.keys):
-            if key in layer.lora_A:
-                r = layer.r[key]
-                layer.lora_A[key].weight.data = A[slot, :r]
-                layer.lora_B[key].weight.data = B[slot, :, :r]
-        return A, B, scale
+                r, start = layer.r[key], slot * R
+                A[start : start + r] = layer.lora_A[key].weight.detach()
+                Bt[start : start + r] = layer.lora_B[key].weight.detach().t()
+                layer.lora_A[key].weight.data = A[start : start + r]
+                layer.lora_B[key].weight.data = Bt[start : start + r].t()
+                scale[slot] = float(layer.scaling[key])
+        scale = tuple(scale)
+        if scale not in self._scale_vectors:
+            self._scale_vectors.append(scale)
+        blocks = range(0, slots * R, R)
+        return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32), [A[i : i + R].t() for i in blocks],
+                           [Bt[i : i + R] for i in blocks], self._scale_vectors.index(scale))
 
     def set_rows(self, keys: list[str | None]) -> None:
         """One adapter key per row of the next forward; None routes the row to the base."""
         slot = {key: i for i, key in enumerate(self.keys)}
-        base = len(self.keys)
-        slots = [base if key is None else slot[key] for key in keys]
-        self.rows = torch.tensor(slots, dtype=torch.long)
-        self.single = slots[0] if len(set(slots)) == 1 else None
+        slots = [BASE if key is None else slot[key] for key in keys]
+        self._slots, self._masks, self._groups = slots, None, None
+        if len(set(slots)) == 1:
+            self.single = slots[0]
+            self.item_slots = torch.tensor(slots[:1])  # one item: every row
+        else:
+            self.single = None
+            self.item_slots = torch.tensor(slots)
+
+    def groups(self) -> list[tuple[int, torch.Tensor]]:
+        """(slot, the batch items that use it) for every adapter in the current rows."""
+        if self._groups is None:
+            by_slot: dict[int, list[int]] = {}
+            for item, slot in enumerate(self._slots):
+                if slot != BASE:
+                    by_slot.setdefault(slot, []).append(item)
+            self._groups = [(slot, torch.tensor(items, device=self._device)) for slot, items in by_slot.items()]
+        return self._groups
+
+    def mask(self, mask_id: int) -> torch.Tensor:
+        """The current rows' mask for layers whose scales are the `mask_id`th distinct vector."""
+        if self._masks is None:
+            self._masks = [self._make_mask(self._slots, scale) for scale in self._scale_vectors]
+        return self._masks[mask_id]
+
+    def _make_mask(self, slots: list[int], scale: tuple[float, ...]) -> torch.Tensor:
+        """[rows, 1, slots·R]: row i keeps its own slot's R columns, times that slot's alpha/r."""
+        columns = torch.zeros(len(slots), len(self.keys) + 1, dtype=torch.float32)  # the last column: the base
+        own = [len(self.keys) if s == BASE else s for s in slots]
+        columns[torch.arange(len(slots)), torch.tensor(own)] = torch.tensor([*scale, 0.0])[own]
+        mask = columns[:, : len(self.keys)].repeat_interleave(self.rank, dim=1).unsqueeze(1)
+        return mask.to(device=self._device, dtype=self._dtype)

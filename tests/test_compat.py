@@ -67,3 +67,18 @@ def test_damaged_and_unsafe_adapters_are_refused(tiny_base, tmp_path, shapes):
     for name, folder in cases.items():
         with pytest.raises(AdapterCheckError, match=expected[name]):
             check_adapter(folder, shapes[0])
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"bias": "lora_only"}, "trained biases"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, r"embedding layers \['model.embed_tokens'\]"),
+])
+def test_lora_variants_the_engine_cannot_route_are_refused(tiny_base, tmp_path, shapes, variant, reason):
+    """Each would either change the shared base for every request or be silently dropped."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    config = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False, **variant}
+    get_peft_model(model, LoraConfig(**config)).save_pretrained(tmp_path / "v")
+    with pytest.raises(AdapterCheckError, match=reason):
+        check_adapter(tmp_path / "v", shapes[0])

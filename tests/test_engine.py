@@ -157,12 +157,12 @@ def test_each_resident_adapter_is_held_once_on_the_device(served, tiny_base):
     storages: dict[int, int] = {}
     expected = 0
     for layer in (m for m in engine._model.modules() if isinstance(m, LoraLayer)):
-        tensors = [*layer._stacked, *(layer.lora_A[k].weight for k in layer.lora_A), *(layer.lora_B[k].weight for k in layer.lora_B)]
+        tensors = [layer._stacks.A, layer._stacks.Bt, *(layer.lora_A[k].weight for k in layer.lora_A), *(layer.lora_B[k].weight for k in layer.lora_B)]
         for t in tensors:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         base = layer.get_base_layer()
-        # three adapter slots and the base's zero slot, rank 4, float32 on the CPU, plus one scale per slot
-        expected += 4 * (4 * (base.in_features + base.out_features) + 1) * 4
+        # three adapter slots of rank 4, float32 on the CPU
+        expected += 3 * 4 * (base.in_features + base.out_features) * 4
     assert sum(storages.values()) == expected
     engine.evict("a")  # to host memory and back: the same answers
     assert texts(engine, batch) == before

@@ -1,0 +1,146 @@
+"""The router's ways of adding each row's LoRA delta all agree with peft's own per-row path.
+
+The comparisons run on the unquantized tiny base: bitsandbytes' CPU 4-bit kernel rounds its input
+to bfloat16, which turns a 1e-7 difference in summation order into a 0.03 jump, so two correct
+paths can differ there by more than any tolerance that would still catch a wrong one. The engine
+tests cover the 4-bit base end to end (a mixed batch answers as each request alone).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import serve.routing as routing
+from adapters import AdapterStore, BaseConfig, BaseShape, load_base
+from adapters.chat import left_pad
+from serve import kernels
+from serve.engine import Engine
+from serve.registry import AdapterRegistry
+from tests.conftest import save_random_adapter
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the fused CPU kernel")
+
+
+@pytest.fixture(scope="module")
+def mixed_ranks(tiny_base, tmp_path_factory):
+    """Three random adapters: "small" of rank 2 with its own alpha (padded to rank 4), "b" with
+    rank 2 in q_proj only (so q_proj layers have their own alpha/r per slot)."""
+    store = AdapterStore(tmp_path_factory.mktemp("routing-store"))
+    save_random_adapter(store, "a", tiny_base, seed=21)
+    for name, seed, config in (("b", 22, LoraConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 2})),
+                               ("small", 23, LoraConfig(r=2, lora_alpha=3))):
+        torch.manual_seed(seed)
+        config.target_modules, config.init_lora_weights = "all-linear", False
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config)
+        save_random_adapter(store, name, tiny_base, seed=seed, model=model)
+    return store
+
+
+def peft_logits(tiny_base, store: AdapterStore, ids, mask, adapter_names: list[str]) -> torch.Tensor:
+    """The reference: peft's own mixed-batch forward (`adapter_names`) on a fresh copy of the base."""
+    base = load_base(BaseConfig(str(tiny_base), quantize=False))
+    model = PeftModel.from_pretrained(base.model, str(store.path("a")), adapter_name="a")
+    for name in ("b", "small"):
+        model.load_adapter(str(store.path(name)), adapter_name=name)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, adapter_names=adapter_names).logits
+
+
+def routed_logits(engine: Engine, ids, mask, names: list[str]) -> torch.Tensor:
+    entries = [engine.registry.resolve(n) for n in names if n != "base"]
+    with torch.no_grad():
+        engine._make_resident(entries)
+        keys = [None if n == "base" else engine.registry.resolve(n).key for n in names]
+        return engine.route(keys)(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base, mixed_ranks):
+    base = load_base(BaseConfig(str(tiny_base), quantize=False))
+    registry = AdapterRegistry(mixed_ranks, BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    return Engine(base, registry, max_loaded=4)
+
+
+def batch(engine: Engine, n: int):
+    prompts = [[engine.base.tokenizer.bos_token_id, 5 + i, 9, 11 + 2 * i, 7][: 3 + i % 3] for i in range(n)]
+    return left_pad(prompts, engine.base.tokenizer.pad_token_id)
+
+
+ROWS = [["a", "small", "base", "b", "a"], ["small"] * 3, ["base", "base"]]
+
+
+@pytest.mark.parametrize("names", ROWS, ids=["mixed", "one-adapter", "base-only"])
+@pytest.mark.parametrize("path", ["kernel", "torch", "grouped"])
+def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeypatch, names, path):
+    ids, mask = batch(engine, len(names))
+    expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["__base__" if n == "base" else n for n in names])
+    routed_logits(engine, ids, mask, names)  # makes the adapters resident: the router now exists
+    router = engine._router
+    if path == "kernel":
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler to build the fused CPU kernel")
+        assert router.lora_add is not None, "the kernel did not build on a machine with a compiler"
+    else:
+        monkeypatch.setattr(router, "lora_add", None)
+    if path == "grouped":
+        monkeypatch.setattr(routing, "KERNEL_MAX_ROWS", 0)  # every batch counts as a long prefill
+    got = routed_logits(engine, ids, mask, names)
+    assert len(router._scale_vectors) == 2  # q_proj's alpha/r differ for "b"
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_adapters_change_the_logits(engine, tiny_base, mixed_ranks):
+    """Guards the comparison above: with adapters that were no-ops it would pass trivially."""
+    ids, mask = batch(engine, 3)
+    base_rows = routed_logits(engine, ids, mask, ["base"] * 3)
+    for name in ("a", "small"):
+        assert (routed_logits(engine, ids, mask, [name] * 3) - base_rows).abs().max() > 1e-2
+
+
+@needs_compiler
+def test_kernel_adds_each_rows_own_delta():
+    kernel = kernels.load()
+    assert kernel is not None
+    torch.manual_seed(0)
+    slots, R, n_in, n_out, seq = 3, 4, 24, 40, 2
+    A, Bt = torch.randn(slots * R, n_in), torch.randn(slots * R, n_out)
+    A[R + 2 :][: R - 2] = 0  # slot 1 has rank 2: its padding rows are zero, as the router makes them
+    Bt[R + 2 :][: R - 2] = 0
+    scales = torch.tensor([0.5, 2.0, 1.5])
+    item_slots = torch.tensor([2, -1, 0, 1])
+    x = torch.randn(len(item_slots), seq, n_in)
+    result = torch.randn(len(item_slots), seq, n_out)
+    expected = result.double().clone()
+    for item, s in enumerate(item_slots.tolist()):
+        if s >= 0:
+            block = slice(s * R, (s + 1) * R)
+            expected[item] += scales[s].double() * (x[item].double() @ A[block].double().t()) @ Bt[block].double()
+    with torch.no_grad():
+        assert kernel.lora_add_(result, x, A, Bt, item_slots, scales, R, 64) is True
+    torch.testing.assert_close(result.double(), expected, atol=1e-4, rtol=1e-5)
+    one = torch.randn(3, 5, n_in)  # a single slot for every row: a one-element slot tensor
+    out = torch.zeros(3, 5, n_out)
+    with torch.no_grad():
+        kernel.lora_add_(out, one, A, Bt, torch.tensor([1]), scales, R, 64)
+    torch.testing.assert_close(out, 2.0 * (one @ A[R : 2 * R].t()) @ Bt[R : 2 * R], atol=1e-4, rtol=1e-5)
+
+
+@needs_compiler
+def test_kernel_declines_what_it_does_not_take():
+    """False and nothing written: the router then takes the torch path."""
+    kernel = kernels.load()
+    A, Bt, scales, slots = torch.randn(4, 8), torch.randn(4, 6), torch.ones(1), torch.tensor([0])
+    x, result = torch.randn(2, 3, 8), torch.zeros(2, 3, 6)
+    assert kernel.lora_add_(result, x, A, Bt, slots, scales, 4, 64) is False  # autograd is recording
+    with torch.no_grad():
+        assert kernel.lora_add_(result, x, A, Bt, slots, scales, 4, 5) is False  # 6 rows > 5
+        assert kernel.lora_add_(result, x.bfloat16(), A, Bt, slots, scales, 4, 64) is False
+        assert kernel.lora_add_(result, x.transpose(0, 1), A, Bt, slots, scales, 4, 64) is False
+    assert result.abs().max() == 0
