@@ -144,3 +144,28 @@ def test_kernel_declines_what_it_does_not_take():
         assert kernel.lora_add_(result, x.bfloat16(), A, Bt, slots, scales, 4, 64) is False
         assert kernel.lora_add_(result, x.transpose(0, 1), A, Bt, slots, scales, 4, 64) is False
     assert result.abs().max() == 0
+
+
+def test_bfloat16_stacks_route_like_peft(tiny_base, mixed_ranks, monkeypatch):
+    """The GPU's case, on the CPU: stacks in bf16 (the kernel is float32-only, so the torch paths
+    run); bf16 rounding sets the tolerance, far below what a wrong adapter would change."""
+    from serve.routing import LoraRouter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+    peft = PeftModel.from_pretrained(model, str(mixed_ranks.path("a")), adapter_name="a")
+    for name in ("b", "small"):
+        peft.load_adapter(str(mixed_ranks.path(name)), adapter_name=name)
+    ids, mask = left_pad([[2, 5 + i, 9, 11, 7][: 3 + i % 3] for i in range(4)], 0)
+    names = ["a", "small", "__base__", "b"]
+    with torch.no_grad():
+        expected = peft(input_ids=ids, attention_mask=mask, adapter_names=names).logits.float()
+        wrong = peft(input_ids=ids, attention_mask=mask, adapter_names=["b", "a", "__base__", "small"]).logits.float()
+        router = LoraRouter(peft, torch.bfloat16)
+        router.rebuild(["a", "b", "small"])
+        assert router.lora_add is None
+        for rows in (64, 0):  # the masked step, then the grouped prefill
+            monkeypatch.setattr(routing, "KERNEL_MAX_ROWS", rows)
+            router.set_rows([None if n == "__base__" else n for n in names])
+            got = peft(input_ids=ids, attention_mask=mask).logits.float()
+            error = (got - expected).abs().amax(dim=(1, 2))
+            assert (error < 0.1 * (wrong - expected).abs().amax(dim=(1, 2))[[0, 1, 3]].min()).all(), error

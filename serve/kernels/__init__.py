@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +34,15 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+def _find_ninja() -> None:
+    """torch's builder runs `ninja` from PATH; the pip package's copy lives in the environment,
+    which is not on PATH when the interpreter is called by its path (`.venv/bin/python`)."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled kernel module, or None when it is disabled or cannot be built."""
@@ -41,6 +51,7 @@ def load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as build
 
+        _find_ninja()
         return build(name=f"loraswap_lora_cpu_{_cpu_tag()}", sources=[str(SOURCE)],
                      extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: torch ops do the same work
