@@ -118,9 +118,8 @@ def adapter_latency(engine: Engine, adapter: str, plain: LoadedBase, tokens: int
     try:
         with engine._lock:
             engine._make_resident([entry])
-            routed = engine.route([entry.key])
+            pair = [(ours, engine.route([entry.key]), engine.base.tokenizer), (theirs, plain.model, plain.tokenizer)]
             for i in range(repeats):  # alternating which side goes first, so neither always follows the other
-                pair = [(ours, routed, engine.base.tokenizer), (theirs, plain.model, plain.tokenizer)]
                 for times, model, tokenizer in pair[:: 1 if i % 2 == 0 else -1]:
                     times.append(decode_seconds_per_token(model, tokenizer, tokens))
     finally:

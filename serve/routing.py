@@ -142,6 +142,7 @@ class LoraRouter:
         layers = self.layers()
         self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
         self._scale_vectors = []
+        self._device, self._dtype = self._placement(layers)
         for layer in layers:
             if not hasattr(layer, "_router"):
                 self._patch(layer)
@@ -150,6 +151,13 @@ class LoraRouter:
         kernel = kernels.load() if on_cpu_fp32 else None
         self.lora_add = kernel.lora_add_ if kernel is not None else None
         self.single, self._slots, self._masks, self._groups = BASE, [], None, None
+
+    def _placement(self, layers: list[LoraLayer]) -> tuple[torch.device, torch.dtype]:
+        """The masks' device (the adapters') and the stacks' dtype: the compute dtype, or the adapters' own."""
+        ref = next((layer.lora_A[k].weight for layer in layers for k in self.keys if k in layer.lora_A), None)
+        if ref is None:
+            return torch.device("cpu"), self.dtype or torch.float32
+        return ref.device, self.dtype or ref.dtype
 
     def _patch(self, layer: LoraLayer) -> None:
         """Route this layer's forward through the stacks.
@@ -174,13 +182,9 @@ class LoraRouter:
         """
         base = layer.get_base_layer()
         R, slots = self.rank, len(self.keys)
-        present = [k for k in self.keys if k in layer.lora_A]
-        ref = layer.lora_A[present[0]].weight if present else None
-        dtype = self.dtype or (ref.dtype if ref is not None else torch.float32)
-        device = ref.device if ref is not None else torch.device("cpu")
-        self._device, self._dtype = device, dtype
-        A = torch.zeros(slots * R, base.in_features, dtype=dtype, device=device)
-        Bt = torch.zeros(slots * R, base.out_features, dtype=dtype, device=device)
+        device = base.weight.device  # the layer's own: a model split across devices keeps each layer's stacks beside it
+        A = torch.zeros(slots * R, base.in_features, dtype=self._dtype, device=device)
+        Bt = torch.zeros(slots * R, base.out_features, dtype=self._dtype, device=device)
         scale = [0.0] * slots
         for slot, key in enumerate(self.keys):
             if key in layer.lora_A:
@@ -202,12 +206,8 @@ class LoraRouter:
         slot = {key: i for i, key in enumerate(self.keys)}
         slots = [BASE if key is None else slot[key] for key in keys]
         self._slots, self._masks, self._groups = slots, None, None
-        if len(set(slots)) == 1:
-            self.single = slots[0]
-            self.item_slots = torch.tensor(slots[:1])  # one item: every row
-        else:
-            self.single = None
-            self.item_slots = torch.tensor(slots)
+        self.single = slots[0] if len(set(slots)) == 1 else None
+        self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
 
     def groups(self) -> list[tuple[int, torch.Tensor]]:
         """(slot, the batch items that use it) for every adapter in the current rows."""
@@ -222,11 +222,12 @@ class LoraRouter:
     def mask(self, mask_id: int) -> torch.Tensor:
         """The current rows' mask for layers whose scales are the `mask_id`th distinct vector."""
         if self._masks is None:
-            self._masks = [self._make_mask(self._slots, scale) for scale in self._scale_vectors]
+            self._masks = [self._make_mask(scale) for scale in self._scale_vectors]
         return self._masks[mask_id]
 
-    def _make_mask(self, slots: list[int], scale: tuple[float, ...]) -> torch.Tensor:
+    def _make_mask(self, scale: tuple[float, ...]) -> torch.Tensor:
         """[rows, 1, slots·R]: row i keeps its own slot's R columns, times that slot's alpha/r."""
+        slots = self._slots
         columns = torch.zeros(len(slots), len(self.keys) + 1, dtype=torch.float32)  # the last column: the base
         own = [len(self.keys) if s == BASE else s for s in slots]
         columns[torch.arange(len(slots)), torch.tensor(own)] = torch.tensor([*scale, 0.0])[own]

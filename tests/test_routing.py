@@ -52,11 +52,10 @@ def peft_logits(tiny_base, store: AdapterStore, ids, mask, adapter_names: list[s
 
 
 def routed_logits(engine: Engine, ids, mask, names: list[str]) -> torch.Tensor:
-    entries = [engine.registry.resolve(n) for n in names if n != "base"]
+    entries = [None if n == "base" else engine.registry.resolve(n) for n in names]
     with torch.no_grad():
-        engine._make_resident(entries)
-        keys = [None if n == "base" else engine.registry.resolve(n).key for n in names]
-        return engine.route(keys)(input_ids=ids, attention_mask=mask).logits
+        engine._make_resident([e for e in entries if e is not None])
+        return engine.route([e.key if e else None for e in entries])(input_ids=ids, attention_mask=mask).logits
 
 
 @pytest.fixture(scope="module")
