@@ -6,8 +6,9 @@ user's model would be. For each shape, each figure beside its baseline from the 
   training   ours vs Trainer + peft (r=16, all linear layers, gradient checkpointing):
              real tokens/s and peak GPU memory
   serving    batch-1 decode tokens/s, the base alone and with one adapter; 16 concurrent requests
-             over 1, 4 and 16 adapters vs the base alone and vs one-at-a-time set_adapter;
-             adapter load time; the share of the memory-bandwidth bound reached at batch 1
+             over 1, 4 and 16 resident adapters vs the base alone and vs one-at-a-time set_adapter,
+             and over 16 adapters loaded inside the timed window (cold); adapter load time; the
+             share of the memory-bandwidth bound reached at batch 1
   memory     the resident 4-bit base and each resident adapter vs their analytic sizes
 Writes bench/results/gpu-<gpu name>.json (cpu-tiny.json for SIZE=tiny) and prints a table.
 `--sizes tiny` runs the same code on the CPU in well under two minutes (a test runs it).
@@ -35,7 +36,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from adapters.chat import encode_prompt
-from bench.training import BenchSettings, run_ours, run_trainer
+from bench.profiling import Window, profile_window, report
+from bench.training import BenchSettings, OursRun, run_ours, run_trainer
 from serve.batcher import ContinuousBatcher
 from serve.engine import ChatRequest, Engine, SamplingParams, warm_up
 from serve.registry import AdapterRegistry
@@ -70,10 +72,17 @@ class Plan:
     new_tokens: int
     requests: int = 16
     rank: int = 16
+    profile: bool = False
+    """Also run a few steps of each kind under torch.profiler (bench/profiling.py)."""
 
     @classmethod
-    def for_shape(cls, shape: str) -> "Plan":
-        return cls(64, 3, 8) if shape == "tiny" else cls(2048, 10, 32)
+    def for_shape(cls, shape: str, profile: bool = False) -> "Plan":
+        return cls(64, 3, 8, profile=profile) if shape == "tiny" else cls(2048, 10, 32, profile=profile)
+
+    def train_settings(self, steps: int) -> BenchSettings:
+        """The issue's QLoRA setting: r=16 on every linear layer, batch 1, gradient checkpointing."""
+        return BenchSettings(r=self.rank, alpha=2 * self.rank, lr=2e-4, micro_batch_size=1, max_steps=steps,
+                             gradient_checkpointing=True)
 
 
 # -- building and measuring the base --------------------------------------------------------
@@ -185,9 +194,8 @@ def synthetic_examples(n: int, seq_len: int, vocab: int, seed: int) -> list[Toke
     return items
 
 
-def bench_training(base, plan: Plan, vocab: int) -> dict:
-    settings = BenchSettings(r=plan.rank, alpha=2 * plan.rank, lr=2e-4, micro_batch_size=1, max_steps=plan.train_steps,
-                             gradient_checkpointing=True)
+def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
+    settings = plan.train_settings(plan.train_steps)
     train = synthetic_examples(plan.train_steps, plan.seq_len, vocab, seed=1)
     evals = synthetic_examples(2, plan.seq_len, vocab, seed=2)
     warm = BenchSettings(**{**asdict(settings), "max_steps": 2})
@@ -201,6 +209,8 @@ def bench_training(base, plan: Plan, vocab: int) -> dict:
         del model
         _free()
         results[stats.which] = {**stats.as_dict(), "peak_memory_gb": round(stats.peak_memory_mb / 1024, 2)}
+    if plan.profile:
+        windows.append(profile_training(base, plan, vocab))
     ours, theirs = results["ours"], results["trainer"]
     return {
         "settings": asdict(settings),
@@ -209,6 +219,19 @@ def bench_training(base, plan: Plan, vocab: int) -> dict:
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
         "peak_memory_ratio": round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3),
     }
+
+
+def profile_training(base, plan: Plan, vocab: int) -> Window:
+    """Two of our optimizer steps under the profiler, after one that is not (first-step set-up)."""
+    items, pad = synthetic_examples(3, plan.seq_len, vocab, seed=3), base.tokenizer.pad_token_id
+    ours = OursRun.prepare(base, len(items), plan.train_settings(3))
+    ours.run(items, pad, 1)
+    what = f"2 optimizer steps of ours, batch 1 x {plan.seq_len} tokens, r={plan.rank} all linear, grad. checkpointing"
+    window = profile_window("training", what, base.device, lambda: ours.run(items, pad, 3))
+    base.model = ours.accelerator.unwrap_model(ours.model).unload()
+    del ours
+    _free()
+    return window
 
 
 # -- serving ------------------------------------------------------------------------------
@@ -281,24 +304,52 @@ def set_adapter_throughput(model: PeftModel, tokenizer, requests: list[ChatReque
     return tokens / (time.perf_counter() - start)
 
 
+def prompt_ids(tokenizer, rows: int, device) -> torch.Tensor:
+    return torch.tensor([[tokenizer.bos_token_id, 5 + r % 7, 6, 7, 8, 9] for r in range(rows)], device=device)
+
+
+@torch.no_grad()
+def forced_generate(model, tokenizer, ids: torch.Tensor, tokens: int) -> None:
+    """Greedy decode of exactly `tokens` new tokens for every row (EOS cannot end it early)."""
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+
 def decode_tokens_per_s(model, tokenizer, device, tokens: int, repeats: int = 3) -> float:
-    """Batch-1 greedy decode, forced to `tokens` new tokens; the best of a few runs."""
-    ids = torch.tensor([[tokenizer.bos_token_id, 5, 6, 7, 8, 9]], device=device)
+    """Batch-1 greedy decode, forced to `tokens` new tokens; the best of a few runs after an
+    untimed one (a model's first generate call pays one-time set-up the later ones do not)."""
+    ids = prompt_ids(tokenizer, 1, device)
     best = float("inf")
-    for _ in range(repeats):
+    for attempt in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                           min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        forced_generate(model, tokenizer, ids, tokens)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        if attempt:
+            best = min(best, time.perf_counter() - start)
     return tokens / best
 
 
-def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None) -> dict:
+def profile_decode(engine: Engine, entries: list, tokens: int) -> list[Window]:
+    """Greedy decodes through the routed model under the profiler, each after an unprofiled run of
+    the same shape: one row on the base and on one adapter, 16 rows on the base and over 16 adapters."""
+    tokenizer, device = engine.base.tokenizer, engine.base.device
+    cases = [("decode base, batch 1", [None]), ("decode one adapter, batch 1", [entries[0].key]),
+             ("decode base, batch 16", [None] * 16), ("decode 16 adapters, batch 16", [e.key for e in entries[:16]])]
+    windows = []
+    with engine._lock:
+        engine._make_resident(entries)
+        for name, keys in cases:
+            ids = prompt_ids(tokenizer, len(keys), device)
+            run = lambda: forced_generate(engine.route(keys), tokenizer, ids, tokens)  # noqa: E731
+            run()
+            windows.append(profile_window(name, f"{tokens} new tokens x {len(keys)} rows, prompt {ids.shape[1]}", device, run))
+    return windows
+
+
+def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, windows: list[Window]) -> dict:
     device, tokenizer = base.device, base.tokenizer
     store = AdapterStore(workdir / "store")
     names = [f"a{i:02d}" for i in range(16)]
@@ -334,8 +385,14 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None) -> d
     with engine._lock:
         engine._make_resident([registry.resolve(names[0])])
     out["adapter_load_s"] = round(time.perf_counter() - start, 3)
+    # Cold: the first 16-adapter batch a fresh server sees, loading the 15 adapters it lacks inside
+    # the timed window. Warm (the figures compared with the base): every adapter already resident,
+    # as on a server that has been up a while; loading is measured apart, above.
+    out["engine_16_adapters_cold_tokens_per_s"] = round(engine_throughput(engine, chat_requests(names, plan.requests, plan.new_tokens)), 2)
+    loads = engine.loads_from_disk
     for k in (1, 4, 16):
         out[f"engine_{k}_adapters_tokens_per_s"] = round(engine_throughput(engine, chat_requests(names[:k], plan.requests, plan.new_tokens)), 2)
+    out["warm_runs_loads_from_disk"] = engine.loads_from_disk - loads
     after = _allocated(device)
     if before is not None:
         out["resident_bytes_per_adapter"] = int((after - before) / 16)
@@ -349,18 +406,24 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None) -> d
     base_only = out["engine_base_only_tokens_per_s"]
     for k in (1, 4, 16):
         out[f"serve_{k}_adapters_vs_base"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / base_only, 3)
+    out["serve_16_adapters_cold_vs_base"] = round(out["engine_16_adapters_cold_tokens_per_s"] / base_only, 3)
     # The baseline serves one request at a time, so its throughput does not depend on how many
     # adapters the requests spread over (set_adapter itself is a pointer swap): one measurement,
     # on the 16-adapter mix, is the baseline for every mix.
     for k in (1, 4, 16):
         out[f"serve_{k}_adapters_vs_set_adapter"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / out["set_adapter_16_adapters_tokens_per_s"], 2)
+    if plan.profile:
+        windows.extend(profile_decode(engine, [registry.resolve(n) for n in names], plan.new_tokens))
     return out
 
 
 # -- one shape ----------------------------------------------------------------------------
 
-def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: float | None, log) -> dict:
-    plan = Plan.for_shape(shape)
+def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: float | None, log,
+                profiles: dict[str, list[Window]], profile: bool = False) -> dict:
+    """One shape's figures; with `profile`, its profiled windows go into profiles[shape]."""
+    plan = Plan.for_shape(shape, profile)
+    windows = profiles.setdefault(shape, [])
     folder = workdir / shape
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -378,8 +441,8 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
         **sizes,
     }
     log(shape, "memory", result)
-    for stage, run in (("training", lambda b: bench_training(b, plan, config.vocab_size)),
-                       ("serving", lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth))):
+    for stage, run in (("training", lambda b: bench_training(b, plan, config.vocab_size, windows)),
+                       ("serving", lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth, windows))):
         try:
             result[stage] = run(base)
         except Exception as err:  # record it and go on with a fresh base: the other stage still counts
@@ -391,6 +454,9 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
             _free()
             base = load_base(BaseConfig(str(folder), device=str(device)))
         log(shape, stage, result)
+    if profile:
+        result["profile"] = {w.name: w.summary() for w in windows}
+        log(shape, "profile", result)
     del base
     _free()
     shutil.rmtree(folder, ignore_errors=True)
@@ -399,7 +465,7 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
 
 def _table(results: dict) -> str:
     rows = [("shape", "train tok/s ours/trainer", "ratio", "peak GB ours/trainer", "decode base/adapter tok/s",
-             "16 req: base, 1/4/16 ad, set_adapter tok/s", "bw share")]
+             "16 req: base, 1/4/16 ad, 16 cold, set_adapter tok/s", "bw share")]
     for shape, r in results["shapes"].items():
         t, s = r.get("training", {}), r.get("serving", {})
         rows.append((
@@ -410,7 +476,7 @@ def _table(results: dict) -> str:
             f"{s.get('decode_base_tokens_per_s', '-')}/{s.get('decode_adapter_tokens_per_s', '-')}",
             f"{s.get('engine_base_only_tokens_per_s', '-')}, {s.get('engine_1_adapters_tokens_per_s', '-')}/"
             f"{s.get('engine_4_adapters_tokens_per_s', '-')}/{s.get('engine_16_adapters_tokens_per_s', '-')}, "
-            f"{s.get('set_adapter_16_adapters_tokens_per_s', '-')}",
+            f"{s.get('engine_16_adapters_cold_tokens_per_s', '-')}, {s.get('set_adapter_16_adapters_tokens_per_s', '-')}",
             str(s.get("bandwidth_bound_share_base", "-")),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -422,6 +488,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["1b", "8b"], help="tiny, 1b, 8b")
     parser.add_argument("--out", default=None, help="default bench/results/gpu-<gpu name>.json (cpu-tiny.json on the CPU)")
     parser.add_argument("--workdir", default=None, help="where the random models are built (default: a temporary folder)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile a few training and decode steps; tables in <out>-profile.txt")
     args = parser.parse_args()
     shapes = [ALIASES.get(s, s) for s in args.sizes]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -450,10 +518,11 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {shape} {stage}: {json.dumps(partial.get(stage))}", flush=True)
 
     started = time.perf_counter()
+    profiles: dict[str, list[Window]] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for shape in shapes:
             try:
-                bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log)
+                bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log, profiles, args.profile)
             except Exception as err:  # keep the other shapes' figures; say what broke
                 import traceback
 
@@ -464,6 +533,10 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(_table(results))
     print(f"wrote {out}")
+    if args.profile:
+        tables = out.with_name(f"{out.stem}-profile.txt")
+        tables.write_text(report(profiles))
+        print(f"wrote {tables}")
 
 
 if __name__ == "__main__":

@@ -121,25 +121,48 @@ class PeakMemory:
         return self.peak_bytes / 2**20
 
 
+@dataclass
+class OursRun:
+    """Our loop set up on a base: the LoRA model, its optimizer and schedule, ready for steps."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps: int
+    progress: Progress
+
+    @classmethod
+    def prepare(cls, base: LoadedBase, n_examples: int, s: BenchSettings) -> "OursRun":
+        torch.manual_seed(s.seed)
+        config = _config(s, base.config.path)
+        accelerator = Accelerator()
+        model = attach_lora(base.model, config, base.model.config.num_hidden_layers)
+        optimizer = make_optimizer(model, config, base.device)
+        steps = total_steps(n_examples, s)
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(s.warmup_ratio * steps), num_training_steps=steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        return cls(config, accelerator, model, optimizer, scheduler, steps, Progress())
+
+    def run(self, items: list[Tokenized], pad_id: int, until: int, on_batch=None) -> None:
+        """Optimizer steps until `until` steps have been taken in all."""
+        run_steps(self.model, items, pad_id, self.optimizer, self.scheduler, self.accelerator, self.config, self.progress,
+                  until, on_batch=on_batch)
+
+
 def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s: BenchSettings):
     """Our loop's steps; returns (stats, the peft model) so the caller can unload the LoRA layers."""
-    torch.manual_seed(s.seed)
-    config = _config(s, base.config.path)
-    accelerator = Accelerator()
-    model = attach_lora(base.model, config, base.model.config.num_hidden_layers)
-    optimizer = make_optimizer(model, config, base.device)
-    steps = total_steps(len(train), s)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(s.warmup_ratio * steps), num_training_steps=steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    progress, positions, pad_id = Progress(), [], base.tokenizer.pad_token_id
-    model.train()
+    ours = OursRun.prepare(base, len(train), s)
+    positions, pad_id = [], base.tokenizer.pad_token_id
     with PeakMemory(base.device) as peak:
         start = time.perf_counter()
-        run_steps(model, train, pad_id, optimizer, scheduler, accelerator, config, progress, steps,
-                  on_batch=lambda micro: positions.extend(m["input_ids"].numel() for m in micro))
+        ours.run(train, pad_id, ours.steps, on_batch=lambda micro: positions.extend(m["input_ids"].numel() for m in micro))
     train_s = time.perf_counter() - start
-    loss = eval_loss(model, evals, pad_id, s.micro_batch_size, base.device)
-    return RunStats("ours", progress.step, progress.tokens, sum(positions), train_s, peak.mb, loss), accelerator.unwrap_model(model)
+    loss = eval_loss(ours.model, evals, pad_id, s.micro_batch_size, base.device)
+    stats = RunStats("ours", ours.progress.step, ours.progress.tokens, sum(positions), train_s, peak.mb, loss)
+    return stats, ours.accelerator.unwrap_model(ours.model)
 
 
 class _CountingCollator:

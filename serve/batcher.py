@@ -228,7 +228,7 @@ class ContinuousBatcher:
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                         past_key_values=cache, use_cache=True, logits_to_keep=1)  # only the last position is sampled
-        return out.logits[:, -1].float().cpu()  # [batch, vocab]
+        return out.logits[:, -1]  # [batch, vocab], on the device
 
     def _prefill(self, rows: list[Running]) -> torch.Tensor:
         ids, mask = left_pad([r.prompt for r in rows], self.engine.base.tokenizer.pad_token_id)
@@ -265,8 +265,7 @@ class ContinuousBatcher:
     def _advance(self, logits: torch.Tensor) -> None:
         """Pick each row's next token, stream it, and drop the rows that finished."""
         keep = []
-        for i, (seq, row_logits) in enumerate(zip(self._running, logits)):
-            token = _pick(row_logits, seq.request.params, seq.generator)
+        for i, (seq, token) in enumerate(zip(self._running, self._pick_tokens(logits))):
             if self._append(seq, token):
                 keep.append(i)
         if len(keep) < len(self._running):
@@ -278,6 +277,20 @@ class ContinuousBatcher:
             self._cache.batch_select_indices(index.to(self._cache.layers[0].keys.device))
             self._mask = self._mask[index]
             self._trim_padding()
+
+    def _pick_tokens(self, logits: torch.Tensor) -> list[int]:
+        """Each running row's next token from its [vocab] logits.
+
+        When every row decodes greedily the argmax runs where the logits are and only the ids
+        cross to the host: on a GPU with a 128k vocabulary that saves copying 8 MB per step for
+        16 rows and 16 host-side argmaxes. Sampling rows need their probabilities on the host,
+        where each request's own generator lives.
+        """
+        params = [seq.request.params for seq in self._running]
+        if all(p.temperature == 0 for p in params):
+            return logits.argmax(dim=-1).tolist()
+        host = logits.float().cpu()
+        return [_pick(row, p, seq.generator) for row, p, seq in zip(host, params, self._running)]
 
     def _append(self, seq: Running, token: int) -> bool:
         """Record a token and stream the new text; True while the request goes on."""

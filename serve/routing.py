@@ -34,6 +34,13 @@ from serve import kernels
 KERNEL_MAX_ROWS = 64
 """Above this many rows (a long prefill) torch's blocked matrix products beat the row-at-a-time kernel."""
 
+GPU_MASKED_MAX_ELEMENTS = 1 << 24
+"""On a GPU a mixed step takes the masked path (every slot's product for every row, three kernels
+per layer) unless its [rows, slots·R] hidden tensor would pass this many elements (32 MiB in bf16).
+Grouping launches about five kernels per adapter per layer, and on a GPU at these sizes the
+launches, not the arithmetic, set the time; at the bound the masked path's extra arithmetic is
+still a few percent of the base's own."""
+
 BASE = -1
 """`LoraRouter.single` when every row uses the base alone."""
 
@@ -79,7 +86,7 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if slot is not None:  # one adapter for every row: its own blocks, no mask
         hidden = torch.mm(x2, stacks.At[slot])
         return _add_product(result, hidden, stacks.Bts[slot], stacks.scale[slot])
-    if x2.shape[0] > KERNEL_MAX_ROWS:  # a long mixed prefill: each adapter's own rows only
+    if router.use_groups(x2.shape[0]):  # a long mixed prefill: each adapter's own rows only
         return _add_grouped(router, stacks, x.to(x2.dtype), result)
     hidden = torch.mm(x2, stacks.A.t())  # short steps: every slot at once, fewest ops
     mask = router.mask(stacks.mask_id)  # [batch, 1, slots·R]
@@ -208,6 +215,14 @@ class LoraRouter:
         self._slots, self._masks, self._groups = slots, None, None
         self.single = slots[0] if len(set(slots)) == 1 else None
         self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
+
+    def use_groups(self, rows: int) -> bool:
+        """Whether a mixed step of `rows` rows computes each adapter's rows apart (`_add_grouped`)
+        rather than every slot for every row: on the CPU past KERNEL_MAX_ROWS rows, where the
+        arithmetic dominates; on a GPU only past GPU_MASKED_MAX_ELEMENTS."""
+        if self._device.type == "cpu":
+            return rows > KERNEL_MAX_ROWS
+        return rows * len(self.keys) * self.rank > GPU_MASKED_MAX_ELEMENTS
 
     def groups(self) -> list[tuple[int, torch.Tensor]]:
         """(slot, the batch items that use it) for every adapter in the current rows."""

@@ -66,6 +66,23 @@ def test_sampling_with_a_seed_is_reproducible(batcher):
     assert sampled[0] == sampled[1]
 
 
+def test_greedy_rows_sharing_steps_with_a_sampled_row_keep_their_answers(batcher):
+    """All-greedy steps pick tokens on the model's device; a step with a sampled row picks every
+    row on the host. Both ways give each greedy row the engine's own answer."""
+    engine, batcher = batcher
+    greedy = [request(n, PROMPTS[1]) for n in ("a", "b")]
+    sampled = request("c", PROMPTS[2], temperature=1.0, seed=3)
+    runs = []
+    for _ in range(2):
+        streams = [batcher.submit(r) for r in [*greedy, sampled]]
+        runs.append([s.wait(60) for s in streams])
+    for results in runs:
+        assert [r.error for r in results] == [None] * 3
+        assert [r.text for r in results[:2]] == texts(engine, greedy)
+    assert runs[0][2].text == runs[1][2].text  # the sampled row follows its own seeded generator
+    assert runs[0][2].text != texts(engine, [request("c", PROMPTS[2])])[0]  # and was sampled, not argmaxed
+
+
 def test_a_replaced_adapter_serves_new_requests_while_running_ones_finish_on_the_old(served, tiny_base):
     from tests.conftest import random_adapter, save_random_adapter
 

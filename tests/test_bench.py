@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "tiny.json"
-    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--sizes", "tiny", "--out", str(out), "--workdir", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--sizes", "tiny", "--out", str(out), "--workdir", str(tmp_path),
+                           "--profile"],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())["shapes"]["tiny"]
@@ -25,9 +26,19 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     # Same data, settings and steps: both loops end at the same eval loss.
     assert abs(training["ours"]["eval_loss"] - training["trainer"]["eval_loss"]) < 0.01 * training["trainer"]["eval_loss"]
     for key in ("decode_base_tokens_per_s", "decode_adapter_tokens_per_s", "engine_base_only_tokens_per_s",
-                "engine_1_adapters_tokens_per_s", "engine_16_adapters_tokens_per_s", "set_adapter_16_adapters_tokens_per_s"):
+                "engine_1_adapters_tokens_per_s", "engine_16_adapters_tokens_per_s", "engine_16_adapters_cold_tokens_per_s",
+                "set_adapter_16_adapters_tokens_per_s"):
         assert serving[key] > 0, key
+    # The warm figures are what they say: every adapter was resident before they were timed.
+    assert serving["warm_runs_loads_from_disk"] == 0
     for k in (1, 4, 16):
         ratio = serving[f"engine_{k}_adapters_tokens_per_s"] / serving["set_adapter_16_adapters_tokens_per_s"]
         assert serving[f"serve_{k}_adapters_vs_set_adapter"] == round(ratio, 2)
     assert "tiny" in done.stdout  # the table
+    # --profile: each window ran and was timed, and its operator table is in the text file.
+    windows = ["training", "decode base, batch 1", "decode one adapter, batch 1", "decode base, batch 16",
+               "decode 16 adapters, batch 16"]
+    assert sorted(result["profile"]) == sorted(windows)
+    assert all(result["profile"][w]["wall_s"] > 0 for w in windows)
+    tables = (tmp_path / "tiny-profile.txt").read_text()
+    assert all(f"== tiny / {w}:" in tables for w in windows) and "aten::mm" in tables

@@ -168,3 +168,22 @@ def test_bfloat16_stacks_route_like_peft(tiny_base, mixed_ranks, monkeypatch):
             got = peft(input_ids=ids, attention_mask=mask).logits.float()
             error = (got - expected).abs().amax(dim=(1, 2))
             assert (error < 0.1 * (wrong - expected).abs().amax(dim=(1, 2))[[0, 1, 3]].min()).all(), error
+
+
+def test_long_mixed_prefills_are_grouped_on_the_cpu_and_masked_on_a_gpu_up_to_a_bound(engine):
+    """Where the arithmetic dominates (the CPU) a long mixed prefill computes each adapter's own
+    rows; where kernel launches do (a GPU) the three-op masked path is kept until its hidden
+    tensor passes GPU_MASKED_MAX_ELEMENTS."""
+    with torch.no_grad():
+        engine._make_resident([engine.registry.resolve(n) for n in ("a", "b", "small")])
+    router = engine._router
+    assert router._device.type == "cpu"
+    assert not router.use_groups(routing.KERNEL_MAX_ROWS) and router.use_groups(routing.KERNEL_MAX_ROWS + 1)
+    columns = len(router.keys) * router.rank
+    rows_at_bound = routing.GPU_MASKED_MAX_ELEMENTS // columns
+    router._device = torch.device("cuda")  # the policy reads only where the stacks live
+    try:
+        assert not router.use_groups(16 * 20) and not router.use_groups(rows_at_bound)
+        assert router.use_groups(rows_at_bound + 1)
+    finally:
+        router._device = torch.device("cpu")
