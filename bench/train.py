@@ -1,6 +1,7 @@
 """`make bench-train`: our training loop against a plain Trainer + peft baseline, in one run.
 
-Each side trains in its own child process (so each one's peak memory is its own) on the same
+Each side trains in its own child process (so each one's peak memory is its own), three times,
+alternating which goes first (figures are the medians; each round is kept), on the same
 4-bit demo base, the same examples (a demo task whose examples vary in length), the same LoRA
 settings, learning rate, schedule and step count. Writes bench/results/train.json and prints:
   tokens_per_s_ratio   real (non-padding) tokens per second of training: ours / baseline
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, fields
@@ -60,6 +62,11 @@ def _profile(base, train, evals, settings: BenchSettings, out: str) -> None:
     print(table)
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
 def _child(args, which: str, extra: list[str]) -> dict:
     command = [sys.executable, "-m", "bench.train", "--worker", which, "--base", args.base, "--data", args.data,
                "--eval-data", args.eval_data, *extra]
@@ -79,11 +86,12 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=None, help="use the first N training examples")
     parser.add_argument("--out", default="bench/results/train.json")
     parser.add_argument("--profile", default=None, metavar="FILE", help="profile our steps into FILE instead")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating which goes first; medians are reported")
     parser.add_argument("--worker", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     for f in fields(BenchSettings):
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default) if f.default is not None else int, default=f.default)
     args = parser.parse_args()
@@ -96,11 +104,14 @@ def main() -> None:
     for f in fields(BenchSettings):
         value, flag = getattr(settings, f.name), f"--{f.name.replace('_', '-')}"
         if isinstance(value, bool):
-            extra += [flag] if value else []
+            extra.append(flag if value else f"--no-{flag[2:]}")
         elif value is not None:
             extra.append(f"{flag}={value}")
-    theirs = _child(args, "trainer", extra)
-    ours = _child(args, "ours", extra)
+    runs: dict[str, list[dict]] = {"ours": [], "trainer": []}
+    for round_ in range(args.rounds):  # alternate which goes first: this VM's speed drifts from minute to minute
+        for which in ("trainer", "ours") if round_ % 2 == 0 else ("ours", "trainer"):
+            runs[which].append(_child(args, which, extra))
+    ours, theirs = _median_run(runs["ours"]), _median_run(runs["trainer"])
     results = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "base": args.base,
@@ -111,7 +122,11 @@ def main() -> None:
         "padding_share": {side: round(1 - run["real_tokens"] / run["padded_tokens"], 3)
                           for side, run in (("ours", ours), ("baseline", theirs))},
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
-        "peak_memory_ratio": round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3),
+        "peak_memory_ratio": round(statistics.median(r["peak_memory_mb"] for r in runs["ours"])
+                                   / statistics.median(r["peak_memory_mb"] for r in runs["trainer"]), 3),
+        "rounds": [{"ours_tokens_per_s": o["tokens_per_s"], "baseline_tokens_per_s": t["tokens_per_s"],
+                    "ours_peak_memory_mb": round(o["peak_memory_mb"], 1), "baseline_peak_memory_mb": round(t["peak_memory_mb"], 1)}
+                   for o, t in zip(runs["ours"], runs["trainer"])],
         "eval_loss_gap": round(abs(ours["eval_loss"] - theirs["eval_loss"]) / theirs["eval_loss"], 4),
         "targets": TARGETS,
     }

@@ -41,6 +41,8 @@ class BenchSettings:
     warmup_ratio: float = 0.05
     seed: int = 0
     gradient_checkpointing: bool = False
+    fused_lora: bool = True
+    """Ours only: train/fused_lora.py's one function per adapted layer (the Trainer runs peft's forward)."""
 
 
 @dataclass
@@ -73,6 +75,7 @@ def _config(s: BenchSettings, base_path: str) -> TrainConfig:
         data=DataSettings(path="-"),
         seed=s.seed,
         gradient_checkpointing=s.gradient_checkpointing,
+        fused_lora=s.fused_lora,
     )
 
 

@@ -47,9 +47,11 @@ def test_two_steps_change_every_lora_matrix_and_leave_the_4bit_base_frozen(tiny_
     base = load_base(config.base)
     assert type(base.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     model = loop.attach_lora(base.model, config, n_layers=2)
-    # The reference is a second copy of the same 4-bit base: running the model under test
-    # before training would repack its weights outside the training path.
-    frozen_before = dense_weights(load_base(config.base).model)
+    # The reference is a second copy of the same 4-bit base, computed with the same (training)
+    # kernel: attach_lora keeps bitsandbytes from repacking the weights for its CPU inference one.
+    reference = load_base(config.base).model
+    loop.keep_4bit_layers_differentiable(reference)
+    frozen_before = dense_weights(reference)
     others_before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" not in n}
     items, _ = tokenize(load_examples(toy_task)[:8], base.tokenizer, 512, "drop", toy_task)
     optimizer = loop.make_optimizer(model, config, base.device)
@@ -198,6 +200,7 @@ def test_a_saved_adapter_reloads_to_identical_outputs(tiny_base, toy_task, tmp_p
     before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     model.save_pretrained(tmp_path / "saved")
     fresh = load_base(config.base)
+    loop.keep_4bit_layers_differentiable(fresh.model)  # the trained model's kernel (not bitsandbytes' CPU inference one)
     reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "saved"))
     after = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(before, after, atol=1e-5)

@@ -109,6 +109,8 @@ class TrainConfig:
     data: DataSettings = field(default_factory=lambda: DataSettings(path="-"))
     seed: int = _opt(0, "Seed for data order, LoRA init and dropout.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    fused_lora: bool = _opt(True, "One autograd function per adapted layer (base product + LoRA, train/fused_lora.py): "
+                                  "fewer kernels per step; off runs peft's own forward.")
     checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
     resume: bool = _opt(False, "Continue from the run's last checkpoint (weights, optimizer, scheduler, step, RNG).")
     log_every: int = _opt(10, "Record the training loss every N steps.")

@@ -1,0 +1,120 @@
+"""The fused training forward (train/fused_lora.py) computes what peft's does, gradients included,
+and a 4-bit base keeps passing gradients after an eval pass (train.loop.keep_4bit_layers_differentiable)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from adapters import BaseConfig, load_base
+from train.fused_lora import LoraLinearFn, base_weight, fuse_lora_layers
+from train.loop import keep_4bit_layers_differentiable
+
+IDS = torch.tensor([[2, 7, 19, 33, 5, 81, 12, 9, 44, 3, 60, 17], [2, 11, 4, 90, 23, 8, 6, 71, 35, 14, 29, 50]])
+
+
+def lora_model(tiny_base, quantize: bool, dtype=None, dropout: float = 0.0):
+    base = load_base(BaseConfig(str(tiny_base), quantize=quantize))
+    if dtype is not None:
+        base.model.to(dtype)
+    keep_4bit_layers_differentiable(base.model)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
+    return get_peft_model(base.model, config)
+
+
+def loss_and_grads(model, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks on both paths
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close(expected, got, rtol: float) -> None:
+    (loss0, grads0), (loss1, grads1) = expected, got
+    assert loss1 == pytest.approx(loss0, rel=rtol)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 0
+    for name, grad in grads0.items():
+        error = (grads1[name] - grad).abs().max() / grad.abs().max()
+        assert error < rtol, (name, float(error))
+
+
+@pytest.mark.parametrize("quantize,dropout", [(True, 0.0), (False, 0.0), (True, 0.3)], ids=["4bit", "unquantized", "4bit-dropout"])
+def test_fused_layers_give_peft_loss_and_gradients(tiny_base, quantize, dropout):
+    model = lora_model(tiny_base, quantize, dropout=dropout)
+    expected = loss_and_grads(model)
+    assert fuse_lora_layers(model) == 7 * model.config.num_hidden_layers  # every linear layer of every block
+    assert_close(expected, loss_and_grads(model), rtol=1e-5)
+
+
+def gradient_error(expected, got) -> float:
+    """The worst parameter's relative gradient error, ||got - expected|| / ||expected||."""
+    return max(float((got[1][n] - g).norm() / g.norm()) for n, g in expected[1].items())
+
+
+def test_fused_layers_in_bf16_are_as_close_to_float32_as_peft_in_bf16(tiny_base):
+    """peft runs the LoRA branch in float32, the fused path in the base's bf16 (as on a GPU). On
+    this tiny random model bf16 alone moves some gradients by ~25%, so both are held against the
+    float32 run: the fused path may not be much further from it than peft's bf16 run, and a wrong
+    branch (a scale 25% off) is far further."""
+    reference = loss_and_grads(lora_model(tiny_base, quantize=False))
+    model = lora_model(tiny_base, quantize=False, dtype=torch.bfloat16)
+    peft_error = gradient_error(reference, loss_and_grads(model))
+    fuse_lora_layers(model)
+    fused_error = gradient_error(reference, loss_and_grads(model))
+    assert fused_error < 1.5 * peft_error + 0.01, (fused_error, peft_error)
+    for layer in (m for m in model.modules() if hasattr(m, "_peft_forward")):
+        layer.scaling["default"] *= 1.25
+    assert gradient_error(reference, loss_and_grads(model)) > 3 * peft_error
+
+
+def test_fused_layers_fall_back_to_peft_where_they_do_not_apply(tiny_base):
+    model = lora_model(tiny_base, quantize=True)
+    fuse_lora_layers(model)
+    model.eval()  # peft takes adapter_names only in eval mode
+    calls = []
+    original = LoraLinearFn.apply
+    LoraLinearFn.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            mixed = model(input_ids=IDS, adapter_names=["default", "__base__"]).logits  # peft's per-row path
+            with model.disable_adapter():
+                plain = model(input_ids=IDS).logits
+            assert not calls
+            fused = model(input_ids=IDS).logits
+            assert calls
+    finally:
+        LoraLinearFn.apply = original
+    assert torch.allclose(mixed[0], fused[0], atol=1e-4) and torch.allclose(mixed[1], plain[1], atol=1e-4)
+
+
+def test_an_eval_pass_does_not_change_the_next_training_gradients(tiny_base):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel without a backward on the first
+    eval-mode forward (on CPUs with AVX512-BF16); training after it must still see every gradient."""
+    model = lora_model(tiny_base, quantize=True)
+    before = loss_and_grads(model)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert_close(before, loss_and_grads(model), rtol=1e-6)
+
+
+def test_weights_repacked_before_training_are_unpacked(tiny_base):
+    """A base that already ran an eval-mode forward (repacked, where the CPU has AVX512-BF16) is
+    unpacked to the original layout: the same weights, up to bitsandbytes' bf16 rounding of the
+    block scales in its packed format (well under 1%; a wrong layout would be garbage)."""
+    never_packed = load_base(BaseConfig(str(tiny_base)))
+    assert keep_4bit_layers_differentiable(never_packed.model) == 0
+    served = load_base(BaseConfig(str(tiny_base)))
+    with torch.no_grad():
+        served.model(input_ids=IDS)  # as a serving warm-up does
+    keep_4bit_layers_differentiable(served.model)
+    pairs = [(a, b) for a, b in zip(never_packed.model.modules(), served.model.modules()) if hasattr(a, "support_avx512bf16_for_cpu")]
+    assert len(pairs) == 7 * never_packed.model.config.num_hidden_layers
+    for original, unpacked in pairs:
+        assert not getattr(unpacked.weight.quant_state, "packing_format_for_cpu", False)
+        expected = base_weight(original)
+        assert (base_weight(unpacked) - expected).abs().max() < 0.01 * expected.abs().max()

@@ -1,0 +1,103 @@
+"""One autograd function per adapted linear layer while training: the frozen base weight's product
+and the LoRA branch in a single forward, with a hand-written backward.
+
+peft's forward for a LoRA layer over a bitsandbytes 4-bit layer runs two autograd functions and
+four submodule calls: the base layer (dequantize, matmul, cast), a defensive copy of its output,
+the input cast to the adapter's float32, A, B, the scale, a cast back and an add. Each is a
+kernel launch, and each repeats in the recompute and the backward of gradient checkpointing.
+Where a step's time is set by launching kernels rather than running them (a GPU at batch 1: the
+1B and 8B shapes' step times in bench/results/gpu-*.json grow with their layer count, not their
+FLOPs), fewer launches are the speed-up. Here, in the compute dtype:
+
+    forward   W = dequantize(W4);  out = x·Wᵀ;  h = x·Aᵀ;  out += s·h·Bᵀ
+    backward  g_h = s·g·B;  dx = g·W + g_h·A;  dA = g_hᵀ·x;  dB = s·gᵀ·h   (W dequantized again)
+
+Only x (already kept by the layer before) and the rank-r h are saved. A and B stay float32
+parameters, as peft keeps them for the optimizer; their copies in the compute dtype are r-row
+matrices, cheap to make each call. Layers this does not cover (DoRA, a trainable base weight,
+several active adapters, peft's `adapter_names`) keep peft's forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+
+def base_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The frozen base layer's weight, [out, in]: dequantized from 4 bits when quantized."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, state)
+
+
+class LoraLinearFn(torch.autograd.Function):
+    """out = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ (+ bias), W the frozen base weight, x_d x after the LoRA dropout."""
+
+    @staticmethod
+    def forward(ctx, x, x_dropped, A, B, layer, scale):
+        # x, x_dropped: [tokens, in] (x_dropped None without dropout); A: [r, in]; B: [out, r]
+        a, b = A.to(x.dtype), B.to(x.dtype)
+        lora_in = x if x_dropped is None else x_dropped
+        h = lora_in @ a.t()  # [tokens, r]
+        out = x @ base_weight(layer).to(x.dtype).t()  # [tokens, out]
+        out.addmm_(h, b.t(), alpha=scale)
+        if layer.bias is not None:
+            out += layer.bias.to(out.dtype)
+        ctx.save_for_backward(x, x_dropped, h, a, b)
+        ctx.layer, ctx.scale, ctx.dtypes = layer, scale, (A.dtype, B.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_dropped, h, a, b = ctx.saved_tensors
+        lora_in = x if x_dropped is None else x_dropped
+        grad_h = (grad @ b).mul_(ctx.scale)  # [tokens, r]
+        grad_A = (grad_h.t() @ lora_in).to(ctx.dtypes[0])  # [r, in]
+        grad_B = (grad.t() @ h).mul_(ctx.scale).to(ctx.dtypes[1])  # [out, r]
+        grad_x = grad_dropped = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ base_weight(ctx.layer).to(grad.dtype)  # [tokens, in]
+            if x_dropped is None:
+                grad_x.addmm_(grad_h, a)
+        if x_dropped is not None and ctx.needs_input_grad[1]:
+            grad_dropped = grad_h @ a
+        return grad_x, grad_dropped, grad_A, grad_B, None, None
+
+
+def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    active = [k for k in self.active_adapters if k in self.lora_A]
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or torch.is_autocast_enabled():
+        return self._peft_forward(x, *args, **kwargs)
+    key = active[0]
+    x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    dropout = self.lora_dropout[key]
+    dropped = dropout(x2) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else None
+    out = LoraLinearFn.apply(x2, dropped, self.lora_A[key].weight, self.lora_B[key].weight, self.get_base_layer(),
+                             self.scaling[key])
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fusable(layer: LoraLayer) -> bool:
+    """Plain LoRA on a frozen linear layer (4-bit or not), in the weight's compute dtype."""
+    base = layer.get_base_layer()
+    plain = not any(layer.use_dora.values()) and not getattr(layer, "lora_variant", {})
+    linear = isinstance(base, torch.nn.Linear) and getattr(base, "weight", None) is not None
+    return plain and linear and not base.weight.requires_grad and not getattr(layer, "fan_in_fan_out", False)
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> int:
+    """Give every fusable LoRA layer of `model` the fused forward; returns how many were changed."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not hasattr(module, "_peft_forward") and fusable(module):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
