@@ -73,7 +73,8 @@ class LoraLinearFn(torch.autograd.Function):
 
 def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     active = [k for k in self.active_adapters if k in self.lora_A]
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or torch.is_autocast_enabled():
+    covered = not (args or kwargs or self.disable_adapters or self.merged) and len(active) == 1
+    if not covered or torch.is_autocast_enabled(x.device.type):  # autocast picks dtypes per op: peft's path
         return self._peft_forward(x, *args, **kwargs)
     key = active[0]
     x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
