@@ -17,6 +17,7 @@ Writes bench/results/gpu-<gpu name>.json (cpu-tiny.json for SIZE=tiny) and print
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -198,13 +199,13 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
     settings = plan.train_settings(plan.train_steps)
     train = synthetic_examples(plan.train_steps, plan.seq_len, vocab, seed=1)
     evals = synthetic_examples(2, plan.seq_len, vocab, seed=2)
-    warm = BenchSettings(**{**asdict(settings), "max_steps": 2})
+    warm = plan.train_settings(2)
     _, model = run_ours(base, train, evals[:1], warm)  # kernels, allocator and handles warmed for both
     base.model = model.unload()
     _free()
     results = {}
     # Ours with peft's own layer forward too (--no-fused-lora): what the fused layers alone change.
-    unfused = BenchSettings(**{**asdict(settings), "fused_lora": False})
+    unfused = replace(settings, fused_lora=False)
     for label, runner, chosen in (("trainer", run_trainer, settings), ("ours", run_ours, settings),
                                   ("ours_peft_forward", run_ours, unfused)):
         stats, model = runner(base, train, evals, chosen)
@@ -230,7 +231,7 @@ def profile_training(base, plan: Plan, vocab: int) -> Window:
     ours = OursRun.prepare(base, len(items), plan.train_settings(3))
     ours.run(items, pad, 1)
     what = f"2 optimizer steps of ours, batch 1 x {plan.seq_len} tokens, r={plan.rank} all linear, grad. checkpointing"
-    window = profile_window("training", what, base.device, lambda: ours.run(items, pad, 3))
+    window = profile_window("training", what, base.device, functools.partial(ours.run, items, pad, 3))
     base.model = ours.accelerator.unwrap_model(ours.model).unload()
     del ours
     _free()

@@ -89,7 +89,7 @@ def fusable(layer: LoraLayer) -> bool:
     """Plain LoRA on a frozen linear layer (4-bit or not), in the weight's compute dtype."""
     base = layer.get_base_layer()
     plain = not any(layer.use_dora.values()) and not getattr(layer, "lora_variant", {})
-    linear = isinstance(base, torch.nn.Linear) and getattr(base, "weight", None) is not None
+    linear = isinstance(base, torch.nn.Linear)  # bitsandbytes' Linear4bit is one too
     return plain and linear and not base.weight.requires_grad and not getattr(layer, "fan_in_fan_out", False)
 
 
