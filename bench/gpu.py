@@ -37,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from adapters.chat import encode_prompt
+from bench.decode_graph import static_decode
 from bench.profiling import Window, profile_window, report
 from bench.training import BenchSettings, OursRun, run_ours, run_trainer
 from serve.batcher import ContinuousBatcher
@@ -204,24 +205,29 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
     base.model = model.unload()
     _free()
     results = {}
-    # Ours with peft's own layer forward too (--no-fused-lora): what the fused layers alone change.
-    unfused = replace(settings, fused_lora=False)
-    for label, runner, chosen in (("trainer", run_trainer, settings), ("ours", run_ours, settings),
-                                  ("ours_peft_forward", run_ours, unfused)):
+    # Ours both ways, the fused layers (train/fused_lora.py) and peft's own forward; "ours" below is
+    # the one our default picks on this device (fused on the CPU only), the Trainer's baseline
+    # beside it. Their order: the Trainer first, as the slowest to start.
+    for label, runner, chosen in (("trainer", run_trainer, settings),
+                                  ("ours_fused", run_ours, replace(settings, fused_lora=True)),
+                                  ("ours_peft_forward", run_ours, replace(settings, fused_lora=False))):
         stats, model = runner(base, train, evals, chosen)
         base.model = model.unload()  # back to the plain 4-bit base for the next run
         del model
         _free()
         results[label] = {**stats.as_dict(), "peak_memory_gb": round(stats.peak_memory_mb / 1024, 2)}
+    fused, plain, theirs = results["ours_fused"], results["ours_peft_forward"], results["trainer"]
+    default = "ours_fused" if base.device.type == "cpu" else "ours_peft_forward"  # train.loop.use_fused_lora
+    ours = results[default]
     if plan.profile:
         windows.append(profile_training(base, plan, vocab))
-    ours, theirs, plain = results["ours"], results["trainer"], results["ours_peft_forward"]
     return {
         "settings": asdict(settings),
         **results,
+        "ours": default,
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
         "peak_memory_ratio": round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3),
-        "fused_vs_peft_forward_tokens_per_s": round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
+        "fused_vs_peft_forward_tokens_per_s": round(fused["tokens_per_s"] / plain["tokens_per_s"], 3),
     }
 
 
@@ -272,15 +278,21 @@ def chat_requests(adapters: list[str], n: int, new_tokens: int) -> list[ChatRequ
             for i in range(n)]
 
 
-def engine_throughput(engine: Engine, requests: list[ChatRequest]) -> float:
-    """Generated tokens per second for requests submitted at once to the decode loop."""
+def engine_throughput(engine: Engine, requests: list[ChatRequest], warm: bool = True) -> float:
+    """Generated tokens per second for requests submitted at once to the decode loop.
+
+    With `warm`, the same requests run once untimed first: the first batch of a shape pays for
+    kernel selection and allocator growth (on the H100 the first 16-row base run measured half
+    the rate of the 1-adapter run after it), and every mix should be timed in the same state."""
     batcher = ContinuousBatcher(engine)
     batcher.wait_ready()
     try:
-        start = time.perf_counter()
         with ThreadPoolExecutor(len(requests)) as pool:
+            if warm:
+                list(pool.map(batcher.generate, requests))
+            start = time.perf_counter()
             results = list(pool.map(batcher.generate, requests))
-        elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start
     finally:
         batcher.close()
     errors = [r.error for r in results if r.error]
@@ -302,6 +314,7 @@ def set_adapter_throughput(model: PeftModel, tokenizer, requests: list[ChatReque
                                  pad_token_id=tokenizer.pad_token_id)
         return out.shape[1] - ids.shape[1]
 
+    serve_one(requests[0])  # untimed: the wrapped model's first call pays one-time set-up
     start = time.perf_counter()
     with ThreadPoolExecutor(len(requests)) as pool:
         tokens = sum(pool.map(serve_one, requests))
@@ -353,7 +366,34 @@ def profile_decode(engine: Engine, entries: list, tokens: int) -> list[Window]:
     return windows
 
 
-def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, windows: list[Window]) -> dict:
+def bench_static_decode(engine: Engine, entries: list, tokens: int) -> dict:
+    """The CUDA-graph experiment (bench/decode_graph.py): greedy decode with a static cache, each
+    step launched from Python (eager) and, on a GPU, replayed from one captured graph; one row on
+    the base and on one adapter, 16 rows on the base and over 16 adapters. The graphed tokens must
+    equal the eager ones. On the CPU only the eager runs (there is nothing to capture)."""
+    tokenizer, device = engine.base.tokenizer, engine.base.device
+    modes = ("eager", "graphed") if device.type == "cuda" else ("eager",)
+    cases = {"base_batch1": [None], "adapter_batch1": [entries[0].key], "base_batch16": [None] * 16,
+             "adapters16_batch16": [e.key for e in entries[:16]]}
+    out: dict = {}
+    with engine._lock:
+        engine._make_resident(entries)
+        for case, keys in cases.items():
+            ids = prompt_ids(tokenizer, len(keys), device)
+            runs = {mode: static_decode(engine.route(keys), ids, tokens, graph=mode == "graphed") for mode in modes}
+            for mode, run in runs.items():
+                out[f"{mode}_{case}_tokens_per_s"] = round(run.steps_per_s * len(keys), 1)
+            if "graphed" in runs:
+                out[f"graphed_{case}_matches_eager"] = bool(torch.equal(runs["graphed"].tokens, runs["eager"].tokens))
+    for mode in modes:
+        out[f"{mode}_decode_adapter_vs_base"] = round(out[f"{mode}_adapter_batch1_tokens_per_s"] / out[f"{mode}_base_batch1_tokens_per_s"], 3)
+        out[f"{mode}_16_adapters_vs_base"] = round(out[f"{mode}_adapters16_batch16_tokens_per_s"] / out[f"{mode}_base_batch16_tokens_per_s"], 3)
+    return out
+
+
+def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, windows: list[Window],
+                  progress=lambda partial: None) -> dict:
+    """The serving figures; `progress(out)` is called with what is measured so far after each part."""
     device, tokenizer = base.device, base.tokenizer
     store = AdapterStore(workdir / "store")
     names = [f"a{i:02d}" for i in range(16)]
@@ -370,11 +410,14 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     for name in names[1:]:
         baseline.load_adapter(str(store.path(name)), adapter_name=name)
     baseline.eval()
-    requests16 = chat_requests(names, plan.requests, plan.new_tokens)
-    out["set_adapter_16_adapters_tokens_per_s"] = round(set_adapter_throughput(baseline, tokenizer, requests16, device), 2)
+    # It serves one request at a time, so its rate does not depend on how many wait: a quarter of
+    # the 16-adapter mix (four requests, four adapters) measures it in a quarter of the time.
+    sample = chat_requests(names, plan.requests, plan.new_tokens)[:: 4]
+    out["set_adapter_16_adapters_tokens_per_s"] = round(set_adapter_throughput(baseline, tokenizer, sample, device), 2)
     base.model = baseline.unload()
     del baseline
     _free()
+    progress(out)
 
     # Our engine on the same base: base alone first (no adapter loaded yet), then 1, 4, 16 adapters.
     registry = AdapterRegistry(store, BaseShape.of(base.model, base.fingerprint))
@@ -382,7 +425,6 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     if registry.rejected():
         raise RuntimeError(f"adapters rejected: {registry.rejected()}")
     engine = Engine(base, registry, max_loaded=16)
-    engine_throughput(engine, chat_requests(["base"], 2, 2))  # warm the decode loop
     before = _allocated(device)
     out["engine_base_only_tokens_per_s"] = round(engine_throughput(engine, chat_requests(["base"], plan.requests, plan.new_tokens)), 2)
     start = time.perf_counter()
@@ -392,11 +434,12 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     # Cold: the first 16-adapter batch a fresh server sees, loading the 15 adapters it lacks inside
     # the timed window. Warm (the figures compared with the base): every adapter already resident,
     # as on a server that has been up a while; loading is measured apart, above.
-    out["engine_16_adapters_cold_tokens_per_s"] = round(engine_throughput(engine, chat_requests(names, plan.requests, plan.new_tokens)), 2)
+    out["engine_16_adapters_cold_tokens_per_s"] = round(engine_throughput(engine, chat_requests(names, plan.requests, plan.new_tokens), warm=False), 2)
     loads = engine.loads_from_disk
     for k in (1, 4, 16):
         out[f"engine_{k}_adapters_tokens_per_s"] = round(engine_throughput(engine, chat_requests(names[:k], plan.requests, plan.new_tokens)), 2)
     out["warm_runs_loads_from_disk"] = engine.loads_from_disk - loads
+    progress(out)
     after = _allocated(device)
     if before is not None:
         out["resident_bytes_per_adapter"] = int((after - before) / 16)
@@ -407,6 +450,7 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
         adapter_decode = decode_tokens_per_s(engine.route([entry.key]), tokenizer, device, plan.new_tokens)
     out["decode_adapter_tokens_per_s"] = round(adapter_decode, 2)
     out["decode_adapter_vs_base"] = round(adapter_decode / base_decode, 3)
+    progress(out)
     base_only = out["engine_base_only_tokens_per_s"]
     for k in (1, 4, 16):
         out[f"serve_{k}_adapters_vs_base"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / base_only, 3)
@@ -416,15 +460,26 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     # on the 16-adapter mix, is the baseline for every mix.
     for k in (1, 4, 16):
         out[f"serve_{k}_adapters_vs_set_adapter"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / out["set_adapter_16_adapters_tokens_per_s"], 2)
+    entries = [registry.resolve(n) for n in names]
+    try:  # an experiment: if capturing fails on some stack, the figures above still count
+        out["static_cache_decode"] = bench_static_decode(engine, entries, 2 * plan.new_tokens)
+    except Exception as err:
+        import traceback
+
+        traceback.print_exc()
+        out["static_cache_decode"] = {"error": f"{type(err).__name__}: {err}"}
     if plan.profile:
-        windows.extend(profile_decode(engine, [registry.resolve(n) for n in names], plan.new_tokens))
+        windows.extend(profile_decode(engine, entries, plan.new_tokens))
     return out
 
 
 # -- one shape ----------------------------------------------------------------------------
 
+STAGES = ("training", "serving")
+
+
 def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: float | None, log,
-                profiles: dict[str, list[Window]], profile: bool = False) -> dict:
+                profiles: dict[str, list[Window]], profile: bool = False, stages: tuple[str, ...] = STAGES) -> dict:
     """One shape's figures; with `profile`, its profiled windows go into profiles[shape]."""
     plan = Plan.for_shape(shape, profile)
     windows = profiles.setdefault(shape, [])
@@ -445,8 +500,15 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
         **sizes,
     }
     log(shape, "memory", result)
-    for stage, run in (("training", lambda b: bench_training(b, plan, config.vocab_size, windows)),
-                       ("serving", lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth, windows))):
+
+    def progress(partial: dict) -> None:
+        result["serving"] = partial
+        log(shape, "serving", result)
+
+    runs = {"training": lambda b: bench_training(b, plan, config.vocab_size, windows),
+            "serving": lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth, windows, progress)}
+    for stage in stages:
+        run = runs[stage]
         try:
             result[stage] = run(base)
         except Exception as err:  # record it and go on with a fresh base: the other stage still counts
@@ -474,9 +536,9 @@ def _table(results: dict) -> str:
         t, s = r.get("training", {}), r.get("serving", {})
         rows.append((
             shape,
-            f"{t.get('ours', {}).get('tokens_per_s', '-')}/{t.get('trainer', {}).get('tokens_per_s', '-')}",
+            f"{t.get(t.get('ours'), {}).get('tokens_per_s', '-')}/{t.get('trainer', {}).get('tokens_per_s', '-')}",
             f"{t.get('tokens_per_s_ratio', '-')} (fused/peft fwd {t.get('fused_vs_peft_forward_tokens_per_s', '-')})",
-            f"{t.get('ours', {}).get('peak_memory_gb', '-')}/{t.get('trainer', {}).get('peak_memory_gb', '-')}",
+            f"{t.get(t.get('ours'), {}).get('peak_memory_gb', '-')}/{t.get('trainer', {}).get('peak_memory_gb', '-')}",
             f"{s.get('decode_base_tokens_per_s', '-')}/{s.get('decode_adapter_tokens_per_s', '-')}",
             f"{s.get('engine_base_only_tokens_per_s', '-')}, {s.get('engine_1_adapters_tokens_per_s', '-')}/"
             f"{s.get('engine_4_adapters_tokens_per_s', '-')}/{s.get('engine_16_adapters_tokens_per_s', '-')}, "
@@ -492,6 +554,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["1b", "8b"], help="tiny, 1b, 8b")
     parser.add_argument("--out", default=None, help="default bench/results/gpu-<gpu name>.json (cpu-tiny.json on the CPU)")
     parser.add_argument("--workdir", default=None, help="where the random models are built (default: a temporary folder)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to run (default: both)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile a few training and decode steps; tables in <out>-profile.txt")
     args = parser.parse_args()
@@ -523,23 +586,25 @@ def main() -> None:
 
     started = time.perf_counter()
     profiles: dict[str, list[Window]] = {}
+    tables = out.with_name(f"{out.stem}-profile.txt")
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for shape in shapes:
             try:
-                bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log, profiles, args.profile)
+                bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log, profiles, args.profile,
+                            tuple(args.stages))
             except Exception as err:  # keep the other shapes' figures; say what broke
                 import traceback
 
                 traceback.print_exc()
                 results["shapes"].setdefault(shape, {})["error"] = f"{type(err).__name__}: {err}"
                 log(shape, "error", results["shapes"][shape])
+            if args.profile:  # after each shape, like the JSON: a run cut off later keeps these
+                tables.write_text(report(profiles))
     results["total_s"] = round(time.perf_counter() - started, 1)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(_table(results))
     print(f"wrote {out}")
     if args.profile:
-        tables = out.with_name(f"{out.stem}-profile.txt")
-        tables.write_text(report(profiles))
         print(f"wrote {tables}")
 
 

@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     for f in fields(BenchSettings):
         flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
+        if isinstance(f.default, bool) or f.type == "bool | None":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default) if f.default is not None else int, default=f.default)

@@ -41,8 +41,9 @@ class BenchSettings:
     warmup_ratio: float = 0.05
     seed: int = 0
     gradient_checkpointing: bool = False
-    fused_lora: bool = True
-    """Ours only: train/fused_lora.py's one function per adapted layer (the Trainer runs peft's forward)."""
+    fused_lora: bool | None = None
+    """Ours only: train/fused_lora.py's one function per adapted layer (the Trainer runs peft's
+    forward); None: our default (on the CPU only)."""
 
 
 @dataclass

@@ -118,3 +118,15 @@ def test_weights_repacked_before_training_are_unpacked(tiny_base):
         assert not getattr(unpacked.weight.quant_state, "packing_format_for_cpu", False)
         expected = base_weight(original)
         assert (base_weight(unpacked) - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+def test_the_fused_layers_are_the_default_on_the_cpu_only(tiny_base):
+    """Measured: faster than peft's forward on the CPU, slower on an H100 (README, Performance)."""
+    from types import SimpleNamespace
+
+    from train.loop import use_fused_lora
+
+    model = lora_model(tiny_base, quantize=True)
+    assert use_fused_lora(None, model) and use_fused_lora(True, model) and not use_fused_lora(False, model)
+    on_gpu = SimpleNamespace(parameters=lambda: iter([torch.empty(0, device="meta")]))  # any non-CPU device
+    assert not use_fused_lora(None, on_gpu) and use_fused_lora(True, on_gpu)
