@@ -43,6 +43,7 @@ from bench.training import BenchSettings, OursRun, run_ours, run_trainer
 from serve.batcher import ContinuousBatcher
 from serve.engine import ChatRequest, Engine, SamplingParams, warm_up
 from serve.registry import AdapterRegistry
+from serve.slots import DecodeSettings
 from train.data import IGNORE_INDEX, Tokenized
 
 LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, num_key_value_heads=8,
@@ -278,13 +279,14 @@ def chat_requests(adapters: list[str], n: int, new_tokens: int) -> list[ChatRequ
             for i in range(n)]
 
 
-def engine_throughput(engine: Engine, requests: list[ChatRequest], warm: bool = True) -> float:
+def engine_throughput(engine: Engine, requests: list[ChatRequest], warm: bool = True,
+                      decode: DecodeSettings = DecodeSettings(), graphs: dict | None = None) -> float:
     """Generated tokens per second for requests submitted at once to the decode loop.
 
     With `warm`, the same requests run once untimed first: the first batch of a shape pays for
     kernel selection and allocator growth (on the H100 the first 16-row base run measured half
     the rate of the 1-adapter run after it), and every mix should be timed in the same state."""
-    batcher = ContinuousBatcher(engine)
+    batcher = ContinuousBatcher(engine, decode=decode)
     batcher.wait_ready()
     try:
         with ThreadPoolExecutor(len(requests)) as pool:
@@ -295,6 +297,9 @@ def engine_throughput(engine: Engine, requests: list[ChatRequest], warm: bool = 
             elapsed = time.perf_counter() - start
     finally:
         batcher.close()
+    if graphs is not None:  # what the static cache's loop captured, or why it could not
+        graphs["captures"] = graphs.get("captures", 0) + (batcher.graphs.captures if batcher.graphs else 0)
+        graphs["error"] = graphs.get("error") or batcher.graph_error
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"engine requests failed: {errors[:2]}")
@@ -391,6 +396,28 @@ def bench_static_decode(engine: Engine, entries: list, tokens: int) -> dict:
     return out
 
 
+def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
+    """The engine with the static decode cache (`serve/slots.py`): on a GPU each batch bucket's step
+    is captured once and replayed (the warm run captures; the timed run replays), on the CPU the
+    same steps run eagerly. The same mixes as the eager engine, and one request alone on the base
+    and on one adapter (prefill included, both alike)."""
+    decode, graphs = DecodeSettings(static_cache=True, context=256), {}
+    mixes = {"base_only": ["base"], "1_adapters": names[:1], "4_adapters": names[:4], "16_adapters": names[:16]}
+    out = {f"engine_static_{label}_tokens_per_s": round(engine_throughput(
+        engine, chat_requests(adapters, plan.requests, plan.new_tokens), decode=decode, graphs=graphs), 2)
+        for label, adapters in mixes.items()}
+    for label, adapters in (("base", ["base"]), ("adapter", names[:1])):
+        out[f"engine_static_batch1_{label}_tokens_per_s"] = round(engine_throughput(
+            engine, chat_requests(adapters, 1, plan.new_tokens), decode=decode, graphs=graphs), 2)
+    out["graph_captures"], out["graph_error"] = graphs["captures"], graphs["error"]
+    base_only = out["engine_static_base_only_tokens_per_s"]
+    for k in (1, 4, 16):
+        out[f"static_serve_{k}_adapters_vs_base"] = round(out[f"engine_static_{k}_adapters_tokens_per_s"] / base_only, 3)
+    out["static_batch1_adapter_vs_base"] = round(out["engine_static_batch1_adapter_tokens_per_s"]
+                                                 / out["engine_static_batch1_base_tokens_per_s"], 3)
+    return out
+
+
 def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, windows: list[Window],
                   progress=lambda partial: None) -> dict:
     """The serving figures; `progress(out)` is called with what is measured so far after each part."""
@@ -461,6 +488,14 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     for k in (1, 4, 16):
         out[f"serve_{k}_adapters_vs_set_adapter"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / out["set_adapter_16_adapters_tokens_per_s"], 2)
     entries = [registry.resolve(n) for n in names]
+    try:  # new, and not yet run on a GPU: if capturing fails there, the figures above still count
+        out["static_engine"] = bench_static_engine(engine, names, plan)
+    except Exception as err:
+        import traceback
+
+        traceback.print_exc()
+        out["static_engine"] = {"error": f"{type(err).__name__}: {err}"}
+    progress(out)
     try:  # an experiment: if capturing fails on some stack, the figures above still count
         out["static_cache_decode"] = bench_static_decode(engine, entries, 2 * plan.new_tokens)
     except Exception as err:

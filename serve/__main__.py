@@ -65,11 +65,12 @@ def cmd_web(args) -> int:
     from serve.engine import ServeLimits
     from serve.server import access_from, run
     from serve.service import Service, ServiceConfig
+    from serve.slots import DecodeSettings
 
     access = access_from(args)  # bad --auth entries fail before the base loads
     config = ServiceConfig(base=args.base, adapters=args.adapters, quantize=not args.no_quant, max_loaded=args.max_loaded,
                            max_queue=args.max_queue, limits=ServeLimits(max_new_tokens=args.max_new_tokens_limit),
-                           reports=args.reports)
+                           reports=args.reports, decode=DecodeSettings(static_cache=args.cuda_graphs, context=args.graph_context))
     service = Service.start(config)
     try:
         run(service, access)
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--max-loaded", type=int, default=8, help="Adapters resident on the device at once.")
     web.add_argument("--max-new-tokens-limit", type=int, default=256, help="Server-side cap on max new tokens.")
     web.add_argument("--reports", default="reports", help="Where `make eval` wrote the matrix the Adapters tab shows.")
+    web.add_argument("--cuda-graphs", action="store_true",
+                     help="Decode from static row slots, each step captured once as a CUDA graph and replayed "
+                          "(on a GPU; the CPU runs the same steps eagerly). Experimental: see README, Performance.")
+    web.add_argument("--graph-context", type=int, default=1024,
+                     help="With --cuda-graphs: tokens of prompt and reply one request may hold (replies are capped to fit).")
     evaluate = sub.add_parser("eval", help="Every servable adapter and the base on every task's eval set.")
     evaluate.add_argument("--data-dir", default="data", help="Folder of <task>/eval.jsonl files.")
     evaluate.add_argument("--limit", type=int, default=200, help="Examples per task.")

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from adapters.chat import left_pad
 from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, cut_at_stop
 from serve.registry import AdapterEntry, UnknownAdapterError
+from serve.slots import DecodeSettings, SlotCache, StepGraphs, causal_lm
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -92,10 +93,19 @@ class Running:
 
 
 class ContinuousBatcher:
-    def __init__(self, engine: Engine, max_batch: int = 32, gather_s: float = 0.003, threads: int | None = None):
-        """threads: intra-op threads for the decode loop's CPU work; None measures (see _choose_threads)."""
+    def __init__(self, engine: Engine, max_batch: int = 32, gather_s: float = 0.003, threads: int | None = None,
+                 decode: DecodeSettings = DecodeSettings()):
+        """threads: intra-op threads for the decode loop's CPU work; None measures (see _choose_threads).
+        decode: the KV cache the loop keeps; the static one can replay captured steps (serve/slots.py)."""
         self.engine, self.max_batch, self.gather_s = engine, max_batch, gather_s
         self.threads = threads
+        self.decode = decode
+        self._slots: SlotCache | None = None
+        self.graphs: StepGraphs | None = None
+        self.graph_error: str | None = None
+        """Why the loop stopped capturing steps, if it had to."""
+        if decode.static_cache:
+            self._slots, self.graphs = self._static_cache(decode)
         self._default_threads = torch.get_num_threads()  # read here: a new thread may report another count
         self._waiting: queue.Queue = queue.Queue()
         self._running: list[Running] = []
@@ -107,6 +117,16 @@ class ContinuousBatcher:
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self._thread.start()
+
+    def _static_cache(self, decode: DecodeSettings) -> tuple[SlotCache, StepGraphs | None]:
+        base = self.engine.base
+        attention = getattr(base.model.config, "_attn_implementation", None)
+        if attention != "sdpa":  # the slots pass a boolean 4-D mask, which only SDPA reads as such
+            raise ValueError(f"the static decode cache needs sdpa attention, not {attention!r}")
+        dtype = base.model.get_input_embeddings().weight.dtype
+        slots = SlotCache.for_model(base.model, self.max_batch, decode.context, dtype, base.device)
+        graphs = StepGraphs() if decode.cuda_graphs and base.device.type == "cuda" else None
+        return slots, graphs
 
     def submit(self, request: ChatRequest) -> Stream:
         stream = Stream()
@@ -182,6 +202,8 @@ class ContinuousBatcher:
                 for seq in failed.values():
                     seq.stream._finish(ChatResult(seq.request.adapter, seq.text, len(seq.tokens), error=str(err)))
                 self._running, self._cache, self._mask, self._pending = [], None, None, None
+                if self._slots is not None:
+                    self._slots.rows = 0
 
     def _admit(self, block: bool) -> list[Running]:
         """Take waiting requests (blocking only when idle); invalid ones are answered at once."""
@@ -201,12 +223,23 @@ class ContinuousBatcher:
             request, stream = item
             try:
                 entry, prompt, max_new = self.engine._prepare(request)
+                max_new = self._fit_slot(prompt, max_new)
             except (UnknownAdapterError, ValueError) as err:
                 stream._finish(ChatResult(request.adapter, error=str(err)))
                 continue
             generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
             new.append(Running(request, entry, prompt, max_new, stream, generator))
         return new
+
+    def _fit_slot(self, prompt: list[int], max_new: int) -> int:
+        """With the static cache, a reply capped so that prompt and reply fit one row slot."""
+        if self._slots is None:
+            return max_new
+        room = self._slots.context - len(prompt)
+        if room <= 0:
+            raise ValueError(f"prompt is {len(prompt)} tokens, which fills the static decode cache's context of "
+                             f"{self._slots.context} tokens (DecodeSettings.context)")
+        return min(max_new, room)
 
     def _step(self, admitted: list[Running]) -> None:
         with self.engine._lock:
@@ -239,15 +272,43 @@ class ContinuousBatcher:
         return logits
 
     def _decode(self) -> torch.Tensor:
+        if self._slots is not None:
+            return self._decode_slots()
         last = torch.tensor([[s.tokens[-1]] for s in self._running])
         positions = self._mask.sum(-1, keepdim=True)  # each row's next position: its real tokens so far
         self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
         return self._forward(last, self._mask, positions, self._running, self._cache)
 
+    def _decode_slots(self) -> torch.Tensor:
+        """One step on the static slots: captured and replayed on a GPU, eager elsewhere. The step
+        runs on a power-of-two bucket of rows; the rows past the running ones repeat the first
+        row's adapter, so a batch on one adapter keeps that adapter's own path."""
+        slots, n = self._slots, len(self._running)
+        rows = slots.bucket(n)
+        keys = [r.adapter_key for r in self._running]
+        router = self.engine._router
+        if self.graphs is not None and router is not None:
+            router.fix_masks(slots.capacity)  # a replayed step reads its rows' masks where it saw them
+        model = causal_lm(self.engine.route(keys + keys[:1] * (rows - n)))
+        slots.set_tokens([s.tokens[-1] for s in self._running])
+        if self.graphs is None:
+            return slots.step(model, rows)[:n]
+        signature, version = (router.signature(), (id(router), router.version)) if router else (("plain",), None)
+        try:
+            return self.graphs.run(slots, model, rows, signature, version)[:n]
+        except RuntimeError as err:  # a capture this stack refuses: the same steps, eagerly, from now on
+            log.exception("capturing a decode step failed; decoding without CUDA graphs")
+            self.graphs, self.graph_error = None, f"{type(err).__name__}: {err}"
+            return slots.step(model, rows)[:n]
+
     def _join(self, admitted: list[Running]) -> None:
         """Append the prefilled rows' caches to the running batch, left-padding the shorter side."""
         cache, mask = self._pending
         self._pending = None
+        if self._slots is not None:
+            self._slots.join(cache, mask)
+            self._running = self._running + list(admitted)
+            return
         if self._cache is None:
             self._cache, self._mask, self._running = cache, mask, list(admitted)
             return
@@ -270,6 +331,9 @@ class ContinuousBatcher:
                 keep.append(i)
         if len(keep) < len(self._running):
             self._running = [self._running[i] for i in keep]
+            if self._slots is not None:
+                self._slots.keep(keep)
+                return
             if not keep:
                 self._cache, self._mask = None, None
                 return

@@ -139,6 +139,11 @@ class LoraRouter:
         self._scale_vectors: list[tuple[float, ...]] = []
         self._device, self._dtype = torch.device("cpu"), torch.float32
         """Where and in what dtype the stacks live (the masks must match)."""
+        self.version = 0
+        """Counts rebuilds: a captured CUDA graph holds the stacks' addresses of the version it saw."""
+        self._fixed_rows = 0
+        self._fixed: list[torch.Tensor] = []
+        """With `fix_masks`: per scale vector, a [rows, 1, slots·R] buffer the row masks are written into."""
 
     def layers(self) -> list[LoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
@@ -158,6 +163,28 @@ class LoraRouter:
         kernel = kernels.load() if on_cpu_fp32 else None
         self.lora_add = kernel.lora_add_ if kernel is not None else None
         self.single, self._slots, self._masks, self._groups = BASE, [], None, None
+        self._allocate_fixed()
+
+    def fix_masks(self, rows: int) -> None:
+        """Write row masks into fixed buffers of up to `rows` rows from now on, made when the rows
+        are set: a captured step then reads the next rows' masks from the addresses it recorded.
+        (Off by default: the masks are otherwise made on a step's first mixed layer, if one needs them.)"""
+        if rows != self._fixed_rows:
+            self._fixed_rows = rows
+            self._allocate_fixed()
+
+    def _allocate_fixed(self) -> None:
+        shape = (self._fixed_rows, 1, len(self.keys) * self.rank)
+        self._fixed = [torch.zeros(shape, dtype=self._dtype, device=self._device)
+                       for _ in self._scale_vectors] if self._fixed_rows else []
+        self.version += 1
+
+    def signature(self) -> tuple:
+        """What a step computes for the current rows beyond their values: the base alone, one
+        adapter's own blocks (which slot), or the masked mix. A captured step replays one of these."""
+        if self.single == BASE:
+            return ("base",)
+        return ("mixed",) if self.single is None else ("single", self.single)
 
     def _placement(self, layers: list[LoraLayer]) -> tuple[torch.device, torch.dtype]:
         """The masks' device (the adapters') and the stacks' dtype: the compute dtype, or the adapters' own."""
@@ -215,6 +242,12 @@ class LoraRouter:
         self._slots, self._masks, self._groups = slots, None, None
         self.single = slots[0] if len(set(slots)) == 1 else None
         self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
+        if self._fixed and self.single is None:
+            if len(slots) > self._fixed_rows:
+                raise ValueError(f"{len(slots)} rows, more than the {self._fixed_rows} the fixed masks hold")
+            for fixed, scale in zip(self._fixed, self._scale_vectors):
+                fixed[: len(slots)].copy_(self._make_mask(scale))
+            self._masks = [fixed[: len(slots)] for fixed in self._fixed]
 
     def use_groups(self, rows: int) -> bool:
         """Whether a mixed step of `rows` rows computes each adapter's rows apart (`_add_grouped`)

@@ -19,6 +19,7 @@ from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, l
 from serve.batcher import ContinuousBatcher, Stream
 from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, ServeLimits
 from serve.registry import BASE_NAME, AdapterRegistry
+from serve.slots import DecodeSettings
 
 log = logging.getLogger(__name__)
 MAX_COMPARE = 6
@@ -43,6 +44,8 @@ class ServiceConfig:
     """How often the store is scanned for new, replaced and deleted adapters."""
     reports: str = "reports"
     """Where `make eval` writes the adapter x task matrix the Adapters tab shows."""
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    """The decode loop's KV cache: growing (default), or static slots with captured CUDA graphs."""
 
 
 @dataclass
@@ -76,7 +79,7 @@ class Service:
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, config: ServiceConfig = ServiceConfig()):
         self.base, self.registry, self.config = base, registry, config
         self.engine = Engine(base, registry, max_loaded=config.max_loaded, limits=config.limits)
-        self.batcher = ContinuousBatcher(self.engine, max_batch=config.limits.max_batch)
+        self.batcher = ContinuousBatcher(self.engine, max_batch=config.limits.max_batch, decode=config.decode)
         self._slots = threading.BoundedSemaphore(config.max_queue)
 
     @classmethod

@@ -7,14 +7,19 @@ import time
 import pytest
 
 from serve.batcher import ContinuousBatcher
+from serve.slots import DecodeSettings
 from tests.conftest import PROMPTS, new_engine, request, texts
 
+CACHES = {"dynamic": DecodeSettings(), "static": DecodeSettings(static_cache=True, context=48)}
 
-@pytest.fixture
-def batcher(served, tiny_base):
+
+@pytest.fixture(params=CACHES)
+def batcher(served, tiny_base, request):
+    """Each test runs with both caches: the growing one, and the static slots a GPU replays
+    captured steps on (here the same steps run eagerly, so every answer must be the same)."""
     _, _, registry = served
     engine = new_engine(tiny_base, registry, 4)
-    batcher = ContinuousBatcher(engine)
+    batcher = ContinuousBatcher(engine, decode=CACHES[request.param])
     yield engine, batcher
     batcher.close()
 
@@ -157,3 +162,49 @@ def test_the_decode_loop_measures_its_threads_once_per_engine(served, tiny_base)
     pinned.wait_ready()
     assert pinned.threads == 1
     pinned.close()
+
+
+def test_the_static_cache_serves_from_its_slots_and_caps_replies_to_fit_them(served, tiny_base, monkeypatch):
+    from serve.slots import SlotCache
+
+    _, _, registry = served
+    engine = new_engine(tiny_base, registry, 4)
+    batcher = ContinuousBatcher(engine, decode=DecodeSettings(static_cache=True, context=24))
+    steps = []
+    real_step = SlotCache.step
+    monkeypatch.setattr(SlotCache, "step", lambda self, model, rows: steps.append(rows) or real_step(self, model, rows))
+    try:
+        prompt_tokens = batcher.generate(request("a", PROMPTS[1], max_new_tokens=2), 60).prompt_tokens
+        capped = batcher.generate(request("b", PROMPTS[1], max_new_tokens=200), 60)
+        too_long = batcher.generate(request("a", "word " * 40), 60)
+        mixed = [batcher.submit(request(n, PROMPTS[2], max_new_tokens=4)) for n in ("base", "a", "b")]
+        mixed = [s.wait(60) for s in mixed]
+    finally:
+        batcher.close()
+    assert steps and set(steps) <= {1, 2, 4}  # every decode step ran on the slots, in power-of-two buckets
+    assert capped.error is None and capped.finish_reason == "length" and capped.new_tokens == 24 - prompt_tokens
+    assert "static decode cache's context of 24 tokens" in too_long.error
+    assert [r.text for r in mixed] == texts(engine, [request(n, PROMPTS[2], max_new_tokens=4) for n in ("base", "a", "b")])
+
+
+def test_a_step_that_cannot_be_captured_falls_back_to_eager_steps(served, tiny_base, monkeypatch):
+    """A stack that refuses a CUDA graph capture must not fail requests: the loop logs it, stops
+    capturing and serves the same steps eagerly (here the capture is made to fail on the CPU)."""
+    from serve.slots import StepGraphs
+
+    _, _, registry = served
+    engine = new_engine(tiny_base, registry, 4)
+    batcher = ContinuousBatcher(engine, decode=DecodeSettings(static_cache=True, context=48))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StepGraphs, "run", refuse)
+    batcher.graphs = StepGraphs()  # as on a GPU
+    try:
+        results = [s.wait(60) for s in [batcher.submit(request(n, PROMPTS[1])) for n in ("a", "b")]]
+    finally:
+        batcher.close()
+    assert [r.error for r in results] == [None, None]
+    assert [r.text for r in results] == texts(engine, [request(n, PROMPTS[1]) for n in ("a", "b")])
+    assert batcher.graphs is None and "stream is capturing" in batcher.graph_error

@@ -33,6 +33,10 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     # The static-cache decode experiment ran (eagerly: the CPU has no graphs to capture).
     static = serving["static_cache_decode"]
     assert "error" not in static and static["eager_adapters16_batch16_tokens_per_s"] > 0
+    # The engine on the static decode cache served every mix (eagerly: nothing captured on the CPU).
+    engine_static = serving["static_engine"]
+    assert "error" not in engine_static and engine_static["graph_captures"] == 0 and engine_static["graph_error"] is None
+    assert all(engine_static[f"engine_static_{k}_adapters_tokens_per_s"] > 0 for k in (1, 4, 16))
     for key in ("decode_base_tokens_per_s", "decode_adapter_tokens_per_s", "engine_base_only_tokens_per_s",
                 "engine_1_adapters_tokens_per_s", "engine_16_adapters_tokens_per_s", "engine_16_adapters_cold_tokens_per_s",
                 "set_adapter_16_adapters_tokens_per_s"):

@@ -187,3 +187,31 @@ def test_long_mixed_prefills_are_grouped_on_the_cpu_and_masked_on_a_gpu_up_to_a_
         assert router.use_groups(rows_at_bound + 1)
     finally:
         router._device = torch.device("cpu")
+
+
+def test_fixed_masks_route_alike_and_keep_their_storage(engine, monkeypatch):
+    """What a replayed CUDA graph relies on (serve/slots.py): with fixed masks, the rows' masks are
+    written into the same storage each time the rows are set, and the logits are unchanged."""
+    names = ["a", "small", "base", "b"]
+    ids, mask = batch(engine, len(names))
+    routed_logits(engine, ids, mask, names)  # makes the adapters resident: the router now exists
+    router = engine._router
+    monkeypatch.setattr(router, "lora_add", None)  # the torch path, which a GPU runs
+    expected = routed_logits(engine, ids, mask, names)
+    version = router.version
+    router.fix_masks(8)
+    assert router.version > version  # captured steps from before would read freed buffers
+    try:
+        got = routed_logits(engine, ids, mask, names)
+        storage = [m.data_ptr() for m in router._masks]
+        flipped = routed_logits(engine, ids, mask, list(reversed(names)))
+        assert [m.data_ptr() for m in router._masks] == storage
+        assert router.signature() == ("mixed",)
+        torch.testing.assert_close(got, expected)
+        assert (flipped[0] - got[0]).abs().max() > 1e-3  # the rewritten masks took effect
+        routed_logits(engine, ids[:2], mask[:2], ["small", "small"])
+        assert router.signature() == ("single", router.keys.index(engine.registry.resolve("small").key))
+        with pytest.raises(ValueError, match="more than the 8"):
+            router.set_rows(router.keys[:2] * 5)
+    finally:
+        router.fix_masks(0)
