@@ -22,6 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import StaticCache
 
+from serve.slots import causal_lm
+
 
 @dataclass
 class StaticDecode:
@@ -56,11 +58,6 @@ class StaticDecode:
     def tokens(self) -> torch.Tensor:
         """[rows, generated]: the prefill's token and one per step so far."""
         return torch.cat(self.generated, dim=1)
-
-
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (its adapted layers stay in place), or the model."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def eager_decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:

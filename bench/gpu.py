@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -371,6 +372,15 @@ def profile_decode(engine: Engine, entries: list, tokens: int) -> list[Window]:
     return windows
 
 
+def attempt(work) -> dict:
+    """The figures `work()` returns, or, if it fails, its error in their place (traceback printed)."""
+    try:
+        return work()
+    except Exception as err:
+        traceback.print_exc()
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
 def bench_static_decode(engine: Engine, entries: list, tokens: int) -> dict:
     """The CUDA-graph experiment (bench/decode_graph.py): greedy decode with a static cache, each
     step launched from Python (eager) and, on a GPU, replayed from one captured graph; one row on
@@ -487,22 +497,11 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     # on the 16-adapter mix, is the baseline for every mix.
     for k in (1, 4, 16):
         out[f"serve_{k}_adapters_vs_set_adapter"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / out["set_adapter_16_adapters_tokens_per_s"], 2)
+    # Both new on the GPU side: if a capture fails there, the figures above still count.
     entries = [registry.resolve(n) for n in names]
-    try:  # new, and not yet run on a GPU: if capturing fails there, the figures above still count
-        out["static_engine"] = bench_static_engine(engine, names, plan)
-    except Exception as err:
-        import traceback
-
-        traceback.print_exc()
-        out["static_engine"] = {"error": f"{type(err).__name__}: {err}"}
+    out["static_engine"] = attempt(lambda: bench_static_engine(engine, names, plan))
     progress(out)
-    try:  # an experiment: if capturing fails on some stack, the figures above still count
-        out["static_cache_decode"] = bench_static_decode(engine, entries, 2 * plan.new_tokens)
-    except Exception as err:
-        import traceback
-
-        traceback.print_exc()
-        out["static_cache_decode"] = {"error": f"{type(err).__name__}: {err}"}
+    out["static_cache_decode"] = attempt(lambda: bench_static_decode(engine, entries, 2 * plan.new_tokens))
     if plan.profile:
         windows.extend(profile_decode(engine, entries, plan.new_tokens))
     return out
@@ -544,13 +543,8 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
             "serving": lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth, windows, progress)}
     for stage in stages:
         run = runs[stage]
-        try:
-            result[stage] = run(base)
-        except Exception as err:  # record it and go on with a fresh base: the other stage still counts
-            import traceback
-
-            traceback.print_exc()
-            result[stage] = {"error": f"{type(err).__name__}: {err}"}
+        result[stage] = attempt(lambda: run(base))
+        if "error" in result[stage]:  # go on with a fresh base: the other stage still counts
             del base
             _free()
             base = load_base(BaseConfig(str(folder), device=str(device)))
@@ -564,9 +558,17 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
     return result
 
 
+def _static_cells(st: dict) -> str:
+    if "error" in st:
+        return "error"
+    return (f"{st.get('engine_static_base_only_tokens_per_s', '-')}/{st.get('engine_static_16_adapters_tokens_per_s', '-')}, "
+            f"{st.get('engine_static_batch1_base_tokens_per_s', '-')}/{st.get('engine_static_batch1_adapter_tokens_per_s', '-')}")
+
+
 def _table(results: dict) -> str:
     rows = [("shape", "train tok/s ours/trainer", "ratio", "peak GB ours/trainer", "decode base/adapter tok/s",
-             "16 req: base, 1/4/16 ad, 16 cold, set_adapter tok/s", "bw share")]
+             "16 req: base, 1/4/16 ad, 16 cold, set_adapter tok/s", "static cache: 16 req base/16 ad, 1 req base/ad",
+             "bw share")]
     for shape, r in results["shapes"].items():
         t, s = r.get("training", {}), r.get("serving", {})
         rows.append((
@@ -578,6 +580,7 @@ def _table(results: dict) -> str:
             f"{s.get('engine_base_only_tokens_per_s', '-')}, {s.get('engine_1_adapters_tokens_per_s', '-')}/"
             f"{s.get('engine_4_adapters_tokens_per_s', '-')}/{s.get('engine_16_adapters_tokens_per_s', '-')}, "
             f"{s.get('engine_16_adapters_cold_tokens_per_s', '-')}, {s.get('set_adapter_16_adapters_tokens_per_s', '-')}",
+            _static_cells(s.get("static_engine", {})),
             str(s.get("bandwidth_bound_share_base", "-")),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -628,8 +631,6 @@ def main() -> None:
                 bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log, profiles, args.profile,
                             tuple(args.stages))
             except Exception as err:  # keep the other shapes' figures; say what broke
-                import traceback
-
                 traceback.print_exc()
                 results["shapes"].setdefault(shape, {})["error"] = f"{type(err).__name__}: {err}"
                 log(shape, "error", results["shapes"][shape])

@@ -242,9 +242,7 @@ class LoraRouter:
         self._slots, self._masks, self._groups = slots, None, None
         self.single = slots[0] if len(set(slots)) == 1 else None
         self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
-        if self._fixed and self.single is None:
-            if len(slots) > self._fixed_rows:
-                raise ValueError(f"{len(slots)} rows, more than the {self._fixed_rows} the fixed masks hold")
+        if self._fixed and self.single is None and len(slots) <= self._fixed_rows:  # more: made as usual
             for fixed, scale in zip(self._fixed, self._scale_vectors):
                 fixed[: len(slots)].copy_(self._make_mask(scale))
             self._masks = [fixed[: len(slots)] for fixed in self._fixed]
