@@ -1,59 +1,57 @@
-"""Greedy decode with a static KV cache, one step replayed from a captured CUDA graph.
+"""Greedy decode on the serving loop's static cache (`serve/slots.py`), each step launched from
+Python or replayed from one captured CUDA graph.
 
-An experiment for `make bench-gpu`, not a serving path: on the H200 run the 4-bit decode loop
-reached 1-3% of the memory-bandwidth bound, which says the host (Python launching kernels one by
-one), not the GPU, sets the pace. Replaying a graph launches a whole step at once, so comparing
-the eager and graphed rates of the same model shows how much of a step the launches cost, and
-whether a graphed step keeps an adapter's extra kernels within the issue's 0.85x of the base.
-
-Everything a step needs lives in fixed tensors that the step updates itself on the device: the
-cache (transformers' StaticCache keeps its length as a device tensor), the next token, and its
-position. So the graph holds no host value that changes between steps. A routed adapter model
-(serve/routing.py) is captured with the router's rows as they are at capture time.
+An experiment for `make bench-gpu`: on the GPU runs the 4-bit decode loop reached 1-4% of the
+memory-bandwidth bound, which says the host (Python launching kernels one by one), not the GPU,
+sets the pace. Timing the same steps eagerly and replayed shows what the launches cost, and
+whether a replayed step keeps an adapter's extra kernels within the issue's 0.85x of the base,
+without the decode loop's own bookkeeping around it. (The H100 runs in bench/results/ used
+transformers' StaticCache here, which writes every row at one shared column; the slots write
+each row at its own position, as the server needs.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import StaticCache
+from transformers import DynamicCache
 
-from serve.slots import causal_lm
+from serve.slots import SlotCache, causal_lm
 
 
 @dataclass
 class StaticDecode:
-    """One greedy decode's fixed state: the cache, the current token and its position ([rows, 1])."""
+    """One greedy decode on slots: the routed model, its slots (one per prompt row) and the tokens so far."""
 
     model: torch.nn.Module
-    cache: StaticCache
-    token: torch.Tensor
-    position: torch.Tensor
-    generated: list[torch.Tensor] = field(default_factory=list)
+    slots: SlotCache
+    generated: list[torch.Tensor]
 
     @classmethod
     @torch.no_grad()
     def prefill(cls, model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> "StaticDecode":
-        """Run the prompt (eagerly) into a cache sized for it and `new_tokens` more."""
+        """Run the prompts (eagerly, equal lengths) and copy their cache into slots sized for
+        `new_tokens` more; the first token goes in as the next step's input."""
         inner = causal_lm(model)
-        cache = StaticCache(config=inner.config, max_cache_len=ids.shape[1] + new_tokens + 1)
-        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        rows, width = ids.shape
+        cache = DynamicCache()
+        positions = torch.arange(width, device=ids.device).expand(rows, -1)
         logits = inner(input_ids=ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        position = torch.full((ids.shape[0], 1), ids.shape[1], dtype=torch.long, device=ids.device)
-        return cls(inner, cache, token, position, [token.clone()])
+        dtype = inner.get_input_embeddings().weight.dtype
+        slots = SlotCache.for_model(inner, rows, width + new_tokens + 1, dtype, ids.device)
+        slots.join(cache, torch.ones(rows, width, dtype=torch.long))
+        first = logits[:, -1].argmax(-1, keepdim=True)
+        slots.tokens.copy_(first)
+        return cls(inner, slots, [first])
 
-    @torch.no_grad()
     def step(self) -> None:
-        """One token for every row, written back into `token`; `position` moves on by one."""
-        logits = self.model(input_ids=self.token, cache=self.cache, position_ids=self.position, use_cache=True,
-                            logits_to_keep=1).logits
-        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
-        self.position.add_(1)
+        """One token for every row, written back as the next step's input (device work only)."""
+        logits = self.slots.step(self.model, self.slots.capacity)
+        self.slots.tokens.copy_(logits.argmax(-1, keepdim=True))
 
     def tokens(self) -> torch.Tensor:
         """[rows, generated]: the prefill's token and one per step so far."""
@@ -61,7 +59,7 @@ class StaticDecode:
 
 
 def eager_decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """The reference: the same static-cache steps run one by one from Python."""
+    """The reference: the same steps run one by one from Python."""
     return static_decode(model, ids, new_tokens, graph=False).tokens
 
 
@@ -81,10 +79,10 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, warm_s
     (and they warm bitsandbytes and cuBLAS for the eager case alike). They produce real tokens:
     capturing runs nothing, so the captured step's first replay makes the next token.
     """
-    state = StaticDecode.prefill(model, ids, new_tokens)
     on_gpu = ids.device.type == "cuda"
     if graph and not on_gpu:
         raise ValueError("CUDA graphs need a CUDA device")
+    state = StaticDecode.prefill(model, ids, new_tokens)
     side = torch.cuda.Stream(device=ids.device) if on_gpu else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(ids.device))
@@ -111,7 +109,7 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, warm_s
 
 def _advance(state: StaticDecode, step) -> None:
     step()
-    state.generated.append(state.token.clone())
+    state.generated.append(state.slots.tokens.clone())
 
 
 def _sync(device: torch.device) -> None:

@@ -1,8 +1,8 @@
-"""bench/decode_graph.py: the static-cache decode that bench-gpu captures into a CUDA graph.
+"""The static cache's decode step (serve/slots.py), as bench/decode_graph.py runs it alone.
 
-The capture itself needs a GPU; what makes it correct does not: the static-cache steps must give
-the tokens transformers' own generate gives, for the base, one adapter and a mix of adapters,
-and a step must read nothing back to the host (a capture fails on such a read).
+The capture itself needs a GPU; what makes it correct does not: the steps must give the tokens
+transformers' own generate gives, for the base, one adapter and a mix of adapters, and a step
+must read nothing back to the host (a capture fails on such a read).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_a_decode_step_reads_nothing_back_to_the_host(engine, case):
     assert reads.seen == []
     # The detector is live: a value read inside it is caught.
     with HostSyncs() as reads:
-        bool(state.position.sum() > 0)
+        bool(state.slots.positions.sum() > 0)
     assert reads.seen
 
 
