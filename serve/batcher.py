@@ -99,7 +99,6 @@ class ContinuousBatcher:
         decode: the KV cache the loop keeps; the static one can replay captured steps (serve/slots.py)."""
         self.engine, self.max_batch, self.gather_s = engine, max_batch, gather_s
         self.threads = threads
-        self.decode = decode
         self._slots: SlotCache | None = None
         self.graphs: StepGraphs | None = None
         self.graph_error: str | None = None

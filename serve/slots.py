@@ -61,9 +61,6 @@ class SlotLayer(StaticLayer):
         self.values.scatter_(2, at.expand(-1, self.num_heads, 1, self.v_head_dim), value_states)
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        return self.max_cache_len
-
 
 class SlotCache:
     """The fixed buffers, and the bookkeeping the decode loop does on them between steps."""
