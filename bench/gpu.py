@@ -213,11 +213,8 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
     for label, runner, chosen in (("trainer", run_trainer, settings),
                                   ("ours_fused", run_ours, replace(settings, fused_lora=True)),
                                   ("ours_peft_forward", run_ours, replace(settings, fused_lora=False))):
-        stats, model = runner(base, train, evals, chosen)
-        base.model = model.unload()  # back to the plain 4-bit base for the next run
-        del model
-        _free()
-        results[label] = {**stats.as_dict(), "peak_memory_gb": round(stats.peak_memory_mb / 1024, 2)}
+        results[label] = _timed_run(base, runner, train, evals, chosen)
+    results["ours_compiled"] = attempt(lambda: compiled_training(base, train, evals, settings, warm))
     fused, plain, theirs = results["ours_fused"], results["ours_peft_forward"], results["trainer"]
     default = "ours_fused" if base.device.type == "cpu" else "ours_peft_forward"  # train.loop.use_fused_lora
     ours = results[default]
@@ -230,7 +227,35 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
         "peak_memory_ratio": round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3),
         "fused_vs_peft_forward_tokens_per_s": round(fused["tokens_per_s"] / plain["tokens_per_s"], 3),
+        **_ratios_of_compiled(results["ours_compiled"], theirs),
     }
+
+
+def _ratios_of_compiled(compiled: dict, theirs: dict) -> dict:
+    if "error" in compiled:
+        return {}
+    return {"compiled_tokens_per_s_ratio": round(compiled["tokens_per_s"] / theirs["tokens_per_s"], 3),
+            "compiled_peak_memory_ratio": round(compiled["peak_memory_mb"] / theirs["peak_memory_mb"], 3)}
+
+
+def _timed_run(base, runner, train: list[Tokenized], evals: list[Tokenized], settings: BenchSettings) -> dict:
+    """One training run's figures; the base is handed back unadapted for the next run."""
+    stats, model = runner(base, train, evals, settings)
+    base.model = model.unload()
+    del model
+    _free()
+    return {**stats.as_dict(), "peak_memory_gb": round(stats.peak_memory_mb / 1024, 2)}
+
+
+def compiled_training(base, train: list[Tokenized], evals: list[Tokenized], settings: BenchSettings,
+                      warm: BenchSettings) -> dict:
+    """Our default's forward with every decoder block compiled (train/compiled.py), timed after an
+    untimed warm-up run that pays for the compilation (compile_warmup_s)."""
+    start = time.perf_counter()
+    _timed_run(base, run_ours, train[:2], evals[:1], replace(warm, compile=True))
+    compile_warmup_s = time.perf_counter() - start
+    return {**_timed_run(base, run_ours, train, evals, replace(settings, compile=True)),
+            "compile_warmup_s": round(compile_warmup_s, 1)}
 
 
 def profile_training(base, plan: Plan, vocab: int) -> Window:
@@ -406,6 +431,33 @@ def bench_static_decode(engine: Engine, entries: list, tokens: int) -> dict:
     return out
 
 
+def bench_shared_inputs(engine: Engine, entry, tokens: int) -> dict:
+    """Batch-1 decode on one adapter with q/k/v and gate/up sharing one input product
+    (`serve.routing.InputGroup`, a GPU's default) and with one product per layer, eager and, on a
+    GPU, graphed; the tokens must agree."""
+    tokenizer, device = engine.base.tokenizer, engine.base.device
+    modes = ("eager", "graphed") if device.type == "cuda" else ("eager",)
+    ids, out, runs = prompt_ids(tokenizer, 1, device), {}, {}
+    with engine._lock:
+        engine._make_resident([entry])
+        router = engine._router
+        try:
+            for shared in (True, False):
+                router.group_inputs = shared
+                router.rebuild(router.keys)
+                for mode in modes:
+                    runs[shared, mode] = static_decode(engine.route([entry.key]), ids, tokens, graph=mode == "graphed")
+                    label = "shared_inputs" if shared else "per_layer"
+                    out[f"{mode}_adapter_batch1_{label}_tokens_per_s"] = round(runs[shared, mode].steps_per_s, 1)
+        finally:
+            router.group_inputs = None
+            router.rebuild(router.keys)
+    for mode in modes:
+        out[f"{mode}_shared_vs_per_layer"] = round(runs[True, mode].steps_per_s / runs[False, mode].steps_per_s, 3)
+        out[f"{mode}_tokens_match"] = bool(torch.equal(runs[True, mode].tokens, runs[False, mode].tokens))
+    return out
+
+
 def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
     """The engine with the static decode cache (`serve/slots.py`): on a GPU each batch bucket's step
     is captured once and replayed (the warm run captures; the timed run replays), on the CPU the
@@ -502,6 +554,7 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     out["static_engine"] = attempt(lambda: bench_static_engine(engine, names, plan))
     progress(out)
     out["static_cache_decode"] = attempt(lambda: bench_static_decode(engine, entries, 2 * plan.new_tokens))
+    out["shared_inputs"] = attempt(lambda: bench_shared_inputs(engine, entries[0], 2 * plan.new_tokens))
     if plan.profile:
         windows.extend(profile_decode(engine, entries, plan.new_tokens))
     return out
@@ -544,7 +597,9 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
     for stage in stages:
         run = runs[stage]
         result[stage] = attempt(lambda: run(base))
-        if "error" in result[stage]:  # go on with a fresh base: the other stage still counts
+        # A failed run may leave LoRA layers or compiled blocks on the base: go on with a fresh
+        # one, for the other stage still counts.
+        if "error" in result[stage] or "error" in result[stage].get("ours_compiled", {}):
             del base
             _free()
             base = load_base(BaseConfig(str(folder), device=str(device)))
@@ -574,7 +629,8 @@ def _table(results: dict) -> str:
         rows.append((
             shape,
             f"{t.get(t.get('ours'), {}).get('tokens_per_s', '-')}/{t.get('trainer', {}).get('tokens_per_s', '-')}",
-            f"{t.get('tokens_per_s_ratio', '-')} (fused/peft fwd {t.get('fused_vs_peft_forward_tokens_per_s', '-')})",
+            f"{t.get('tokens_per_s_ratio', '-')} (fused/peft fwd {t.get('fused_vs_peft_forward_tokens_per_s', '-')}, "
+            f"compiled {t.get('compiled_tokens_per_s_ratio', '-')})",
             f"{t.get(t.get('ours'), {}).get('peak_memory_gb', '-')}/{t.get('trainer', {}).get('peak_memory_gb', '-')}",
             f"{s.get('decode_base_tokens_per_s', '-')}/{s.get('decode_adapter_tokens_per_s', '-')}",
             f"{s.get('engine_base_only_tokens_per_s', '-')}, {s.get('engine_1_adapters_tokens_per_s', '-')}/"

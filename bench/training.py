@@ -26,6 +26,7 @@ from train.checkpoint import Progress
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
 from train.data import Tokenized
 from train.evaluate import eval_loss
+from train.compiled import uncompile_blocks
 from train.loop import attach_lora, count_steps, make_optimizer, run_steps
 
 
@@ -44,6 +45,8 @@ class BenchSettings:
     fused_lora: bool | None = None
     """Ours only: train/fused_lora.py's one function per adapted layer (the Trainer runs peft's
     forward); None: our default (on the CPU only)."""
+    compile: bool = False
+    """Ours only: torch.compile each decoder block's training forward (train/compiled.py)."""
 
 
 @dataclass
@@ -77,6 +80,7 @@ def _config(s: BenchSettings, base_path: str) -> TrainConfig:
         seed=s.seed,
         gradient_checkpointing=s.gradient_checkpointing,
         fused_lora=s.fused_lora,
+        compile=s.compile,
     )
 
 
@@ -166,7 +170,9 @@ def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s
     train_s = time.perf_counter() - start
     loss = eval_loss(ours.model, evals, pad_id, s.micro_batch_size, base.device)
     stats = RunStats("ours", ours.progress.step, ours.progress.tokens, sum(positions), train_s, peak.mb, loss)
-    return stats, ours.accelerator.unwrap_model(ours.model)
+    model = ours.accelerator.unwrap_model(ours.model)
+    uncompile_blocks(model)  # the caller unloads the LoRA layers and hands the base to the next run
+    return stats, model
 
 
 class _CountingCollator:

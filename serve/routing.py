@@ -15,6 +15,11 @@ same few operations per layer however many adapters the batch mixes:
 When every row uses the base, nothing is added. The stacks are the only copy of the adapters'
 weights on the device: peft's own A and B are views into them.
 
+Layers handed the same input (q/k/v, gate/up: `PACKED_INPUTS`) share one A stack on the torch
+paths, so `x·Aᵀ` is one product for the group rather than one per layer (vLLM packs its q/k/v
+LoRA the same way): a Llama block's adapter kernels at batch 1 go from 14 to 11, and a GPU's
+decode step is set by how many kernels it launches.
+
 Only the engine uses this, under its lock; the rows are set before each forward. A routed
 model ignores peft's active-adapter state (`set_adapter`, `disable_adapter`): the rows decide.
 Plain LoRA on linear layers only: the registry refuses what this cannot compute (DoRA,
@@ -44,13 +49,50 @@ still a few percent of the base's own."""
 BASE = -1
 """`LoraRouter.single` when every row uses the base alone."""
 
+PACKED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling layers that transformers' decoder blocks call on one and the same input tensor. Only a
+hint: a group's shared product is reused only for that very tensor (see `InputGroup.hidden`)."""
+
+
+class InputGroup:
+    """Adapted sibling layers that take the same input: their A stacks are one tensor, and one
+    product `x·Aᵀ` serves all of them, each reading its own R columns per slot."""
+
+    def __init__(self, A: torch.Tensor, members: int, rank: int):
+        self.A = A
+        """[slots·M·R, in]: slot s, member m owns rows (s·M + m)·R .. (s·M + m)·R + R."""
+        self.members, self.rank = members, rank
+        self.At = [A[i : i + members * rank].t() for i in range(0, A.shape[0], members * rank)]
+        """Per slot, its [in, M·R] block of Aᵀ."""
+        self.clear()
+
+    def clear(self) -> None:
+        self._x = self._hidden = self._route = None
+        self._version, self._pending = -1, set()
+
+    def hidden(self, x: torch.Tensor, x2: torch.Tensor, route: tuple, member: int) -> torch.Tensor:
+        """`x2·Aᵀ` for the route's slot ([rows, M·R]) or every slot ([rows, slots·M·R]), computed
+        by the group's first member to see `x` and kept until every member has read it. Kept only
+        for the same tensor, unchanged (its version) and on the same route: anything else recomputes."""
+        same = self._x is x and self._version == x._version and self._route == route and member in self._pending
+        if not same:
+            at = self.At[route[1]] if route[0] == "single" else self.A.t()
+            self._x, self._version, self._route = x, x._version, route
+            self._hidden, self._pending = torch.mm(x2, at), set(range(self.members))
+        hidden = self._hidden
+        self._pending.discard(member)
+        if not self._pending:  # every member has its share: hold neither the input nor the product
+            self.clear()
+        return hidden
+
 
 @dataclass
 class LayerStacks:
     """One adapted layer's resident adapters, and the per-slot views the one-adapter path uses."""
 
     A: torch.Tensor
-    """[slots·R, in]; slot s owns rows s·R .. s·R + r_s (the rest of its R rows are zero)."""
+    """[slots·R, in]; slot s owns rows s·R .. s·R + r_s (the rest of its R rows are zero). In a
+    group: [slots, R, in], a view into the group's stack."""
     Bt: torch.Tensor
     """[slots·R, out]: B transposed, the same rows per slot."""
     scale: tuple[float, ...]
@@ -63,6 +105,11 @@ class LayerStacks:
     """Per slot, its [R, out] block of Bᵀ (a view)."""
     mask_id: int
     """Which of the router's row masks fits this layer's scales (layers sharing scales share one)."""
+    group: InputGroup | None = None
+    """The siblings this layer shares its A stack and input product with; A is then a
+    [slots, R, in] view into the group's stack."""
+    member: int = 0
+    """This layer's place in its group."""
 
 
 def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -84,14 +131,33 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x2 = x2.to(stacks.A.dtype)
     slot = router.single
     if slot is not None:  # one adapter for every row: its own blocks, no mask
-        hidden = torch.mm(x2, stacks.At[slot])
+        if stacks.group is not None:
+            R = router.rank
+            shared = stacks.group.hidden(x, x2, router.signature(), stacks.member)  # [rows, M·R]
+            hidden = shared[:, stacks.member * R : (stacks.member + 1) * R]
+        else:
+            hidden = torch.mm(x2, stacks.At[slot])
         return _add_product(result, hidden, stacks.Bts[slot], stacks.scale[slot])
     if router.use_groups(x2.shape[0]):  # a long mixed prefill: each adapter's own rows only
         return _add_grouped(router, stacks, x.to(x2.dtype), result)
-    hidden = torch.mm(x2, stacks.A.t())  # short steps: every slot at once, fewest ops
     mask = router.mask(stacks.mask_id)  # [batch, 1, slots·R]
-    hidden.view(mask.shape[0], -1, hidden.shape[-1]).mul_(mask)
+    if stacks.group is not None:
+        hidden = _masked_share(router, stacks, x, x2, mask)
+    else:
+        hidden = torch.mm(x2, stacks.A.t())  # short steps: every slot at once, fewest ops
+        hidden.view(mask.shape[0], -1, hidden.shape[-1]).mul_(mask)
     return _add_product(result, hidden, stacks.Bt, 1.0)
+
+
+def _masked_share(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, x2: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """This member's columns of its group's every-slot product, each row's own slot kept (the
+    mask): [rows, slots·R], as the ungrouped path's hidden."""
+    group, slots, R = stacks.group, len(router.keys), router.rank
+    shared = group.hidden(x, x2, router.signature(), stacks.member)  # [rows, slots·M·R]
+    rows = shared.shape[0]
+    own = shared.view(mask.shape[0], -1, slots, group.members, R)[:, :, :, stacks.member]  # [batch, seq, slots, R]
+    return (own * mask.view(mask.shape[0], 1, slots, R)).view(rows, slots * R)
 
 
 def _add_grouped(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -118,10 +184,15 @@ def _add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
 
 
 class LoraRouter:
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, group_inputs: bool | None = None):
         self.model = model
         self.dtype = dtype
         """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
+        self.group_inputs = group_inputs
+        """Share one A stack and input product among `PACKED_INPUTS` siblings (`InputGroup`). None:
+        wherever the fused CPU kernel is not used (it reads each layer's own contiguous stack, and
+        does a layer's work in one call anyway)."""
+        self._input_groups: list[InputGroup] = []
         self.keys: list[str] = []
         self.rank = 1
         """R: every slot's rank, padded to the largest resident one."""
@@ -155,13 +226,20 @@ class LoraRouter:
         self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
         self._scale_vectors = []
         self._device, self._dtype = self._placement(layers)
+        on_cpu_fp32 = self._device.type == "cpu" and self._dtype == torch.float32
+        kernel = kernels.load() if on_cpu_fp32 else None
+        grouping = self.group_inputs if self.group_inputs is not None else kernel is None
+        self.lora_add = kernel.lora_add_ if kernel is not None and not grouping else None
+        place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
+        self._input_groups = []
+        for members in self._sibling_layers() if grouping else []:
+            group = self._group_stack(members)
+            self._input_groups.append(group)
+            place.update({id(layer): (group, m) for m, layer in enumerate(members)})
         for layer in layers:
             if not hasattr(layer, "_router"):
                 self._patch(layer)
-            layer._stacks = self._stack(layer)
-        on_cpu_fp32 = self._device.type == "cpu" and self._dtype == torch.float32
-        kernel = kernels.load() if on_cpu_fp32 else None
-        self.lora_add = kernel.lora_add_ if kernel is not None else None
+            layer._stacks = self._stack(layer, *place.get(id(layer), (None, 0)))
         self.single, self._slots, self._masks, self._groups = BASE, [], None, None
         self._allocate_fixed()
 
@@ -207,8 +285,32 @@ class LoraRouter:
         layer._router = self
         layer.forward = types.MethodType(_routed_forward, layer)
 
-    def _stack(self, layer: LoraLayer) -> LayerStacks:
-        """Stack the resident adapters of one layer, then point peft's own A and B at the stacks.
+    def _sibling_layers(self) -> list[list[LoraLayer]]:
+        """Adapted layers under one parent that `PACKED_INPUTS` names together, of one input
+        width on one device: the candidates for an `InputGroup`."""
+        children: dict[str, dict[str, LoraLayer]] = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and "." in name:
+                parent, leaf = name.rsplit(".", 1)
+                children.setdefault(parent, {})[leaf] = module
+        found = []
+        for leaves in children.values():
+            for names in PACKED_INPUTS:
+                members = [leaves[n] for n in names if n in leaves]
+                kinds = {(m.get_base_layer().in_features, m.get_base_layer().weight.device) for m in members}
+                if len(members) > 1 and len(kinds) == 1:
+                    found.append(members)
+        return found
+
+    def _group_stack(self, members: list[LoraLayer]) -> InputGroup:
+        base = members[0].get_base_layer()
+        rows = len(self.keys) * len(members) * self.rank
+        A = torch.zeros(rows, base.in_features, dtype=self._dtype, device=base.weight.device)
+        return InputGroup(A, len(members), self.rank)
+
+    def _stack(self, layer: LoraLayer, group: InputGroup | None = None, member: int = 0) -> LayerStacks:
+        """Stack the resident adapters of one layer (its A in its group's stack, if it has a group),
+        then point peft's own A and B at the stacks.
 
         Afterwards each adapter's weights exist once, in the compute dtype (peft loads them in
         float32): the stacks are what the routed forward reads, and the views keep peft's state
@@ -217,29 +319,37 @@ class LoraRouter:
         base = layer.get_base_layer()
         R, slots = self.rank, len(self.keys)
         device = base.weight.device  # the layer's own: a model split across devices keeps each layer's stacks beside it
-        A = torch.zeros(slots * R, base.in_features, dtype=self._dtype, device=device)
+        if group is None:
+            A = torch.zeros(slots * R, base.in_features, dtype=self._dtype, device=device)
+            starts = [slot * R for slot in range(slots)]
+        else:  # slot s's block for this member: rows (s·M + member)·R of the group's stack
+            A = group.A.view(slots, group.members, R, base.in_features)[:, member]  # [slots, R, in]
+            starts = [(slot * group.members + member) * R for slot in range(slots)]
+        A_rows = A.view(-1, base.in_features) if group is None else group.A
         Bt = torch.zeros(slots * R, base.out_features, dtype=self._dtype, device=device)
         scale = [0.0] * slots
         for slot, key in enumerate(self.keys):
             if key in layer.lora_A:
-                r, start = layer.r[key], slot * R
-                A[start : start + r] = layer.lora_A[key].weight.detach()
-                Bt[start : start + r] = layer.lora_B[key].weight.detach().t()
-                layer.lora_A[key].weight.data = A[start : start + r]
-                layer.lora_B[key].weight.data = Bt[start : start + r].t()
+                r, start = layer.r[key], starts[slot]
+                A_rows[start : start + r] = layer.lora_A[key].weight.detach()
+                Bt[slot * R : slot * R + r] = layer.lora_B[key].weight.detach().t()
+                layer.lora_A[key].weight.data = A_rows[start : start + r]
+                layer.lora_B[key].weight.data = Bt[slot * R : slot * R + r].t()
                 scale[slot] = float(layer.scaling[key])
         scale = tuple(scale)
         if scale not in self._scale_vectors:
             self._scale_vectors.append(scale)
-        blocks = range(0, slots * R, R)
-        return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32), [A[i : i + R].t() for i in blocks],
-                           [Bt[i : i + R] for i in blocks], self._scale_vectors.index(scale))
+        return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32),
+                           [A_rows[i : i + R].t() for i in starts], [Bt[i * R : i * R + R] for i in range(slots)],
+                           self._scale_vectors.index(scale), group, member)
 
     def set_rows(self, keys: list[str | None]) -> None:
         """One adapter key per row of the next forward; None routes the row to the base."""
         slot = {key: i for i, key in enumerate(self.keys)}
         slots = [BASE if key is None else slot[key] for key in keys]
         self._slots, self._masks, self._groups = slots, None, None
+        for group in self._input_groups:  # nothing carried over from the last step's inputs
+            group.clear()
         self.single = slots[0] if len(set(slots)) == 1 else None
         self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
         if self._fixed and self.single is None and len(slots) <= self._fixed_rows:  # more: made as usual

@@ -30,9 +30,18 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     # Same data, settings and steps: both loops end at the same eval loss.
     assert abs(fused["eval_loss"] - trainer["eval_loss"]) < 0.01 * trainer["eval_loss"]
     assert abs(fused["eval_loss"] - plain["eval_loss"]) < 1e-4 * trainer["eval_loss"]
+    # The compiled blocks train the same steps to the same loss (inductor reorders float sums only).
+    compiled = training["ours_compiled"]
+    assert "error" not in compiled and compiled["steps"] == 3 and compiled["compile_warmup_s"] > 0
+    assert abs(compiled["eval_loss"] - fused["eval_loss"]) < 1e-4 * trainer["eval_loss"]
+    assert training["compiled_tokens_per_s_ratio"] == round(compiled["tokens_per_s"] / trainer["tokens_per_s"], 3)
     # The static-cache decode experiment ran (eagerly: the CPU has no graphs to capture).
     static = serving["static_cache_decode"]
     assert "error" not in static and static["eager_adapters16_batch16_tokens_per_s"] > 0
+    # Batch-1 decode on one adapter with q/k/v and gate/up sharing their products, and without.
+    shared = serving["shared_inputs"]
+    assert "error" not in shared
+    assert shared["eager_adapter_batch1_shared_inputs_tokens_per_s"] > 0 and shared["eager_adapter_batch1_per_layer_tokens_per_s"] > 0
     # The engine on the static decode cache served every mix (eagerly: nothing captured on the CPU).
     engine_static = serving["static_engine"]
     assert "error" not in engine_static and engine_static["graph_captures"] == 0 and engine_static["graph_error"] is None

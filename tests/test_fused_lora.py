@@ -28,7 +28,7 @@ def loss_and_grads(model, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]
     model.train()
     model.zero_grad()
     torch.manual_seed(seed)  # the same dropout masks on both paths
-    loss = model(input_ids=IDS, labels=IDS).loss
+    loss = model(input_ids=IDS, labels=IDS, use_cache=False).loss  # as train.evaluate.token_loss_sum runs it
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

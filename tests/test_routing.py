@@ -9,10 +9,12 @@ tests cover the 4-bit base end to end (a mixed batch answers as each request alo
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 import serve.routing as routing
@@ -74,8 +76,21 @@ def batch(engine: Engine, n: int):
 ROWS = [["a", "small", "base", "b", "a"], ["small"] * 3, ["base", "base"]]
 
 
+@contextmanager
+def shared_inputs(router):
+    """The router restacked with q/k/v and gate/up sharing one A stack (`InputGroup`), as on a
+    GPU; the CPU's kernel is off for it. Restacked as before afterwards (the engine is shared)."""
+    router.group_inputs = True
+    router.rebuild(router.keys)
+    try:
+        yield router
+    finally:
+        router.group_inputs = None
+        router.rebuild(router.keys)
+
+
 @pytest.mark.parametrize("names", ROWS, ids=["mixed", "one-adapter", "base-only"])
-@pytest.mark.parametrize("path", ["kernel", "torch", "grouped"])
+@pytest.mark.parametrize("path", ["kernel", "torch", "grouped", "shared-inputs", "shared-inputs-grouped"])
 def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeypatch, names, path):
     ids, mask = batch(engine, len(names))
     expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["__base__" if n == "base" else n for n in names])
@@ -87,12 +102,42 @@ def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeyp
         assert router.lora_add is not None, "the kernel did not build on a machine with a compiler"
     else:
         monkeypatch.setattr(router, "lora_add", None)
-    if path == "grouped":
+    if path.endswith("grouped"):
         monkeypatch.setattr(routing, "KERNEL_MAX_ROWS", 0)  # every batch counts as a long prefill
-    got = routed_logits(engine, ids, mask, names)
+    with shared_inputs(router) if path.startswith("shared") else nullcontext():
+        assert len(router._input_groups) == (2 * engine.base.model.config.num_hidden_layers if path.startswith("shared") else 0)
+        got = routed_logits(engine, ids, mask, names)
+        assert all(group._x is None for group in router._input_groups)  # every member read its share: nothing held
     assert len(router._scale_vectors) == 2  # q_proj's alpha/r differ for "b"
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts aten.mm calls (the routed paths' x·Aᵀ products; the base's linear layers run addmm/mm too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.mm += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("names", [["a", "a"], ["a", "small"]], ids=["one-adapter", "mixed"])
+def test_shared_inputs_take_one_product_per_group(engine, monkeypatch, names):
+    """q/k/v share one x·Aᵀ, gate/up another: three products fewer per block than one per layer."""
+    ids, mask = batch(engine, len(names))
+    routed_logits(engine, ids, mask, names)
+    router = engine._router
+    monkeypatch.setattr(router, "lora_add", None)
+    counts = []
+    for grouped in (False, True):
+        with shared_inputs(router) if grouped else nullcontext(), CountMatmuls() as count:
+            routed_logits(engine, ids, mask, names)
+        counts.append(count.mm)
+    assert counts[0] - counts[1] == 3 * engine.base.model.config.num_hidden_layers
 
 
 def test_the_adapters_change_the_logits(engine, tiny_base, mixed_ranks):
@@ -161,7 +206,7 @@ def test_bfloat16_stacks_route_like_peft(tiny_base, mixed_ranks, monkeypatch):
         wrong = peft(input_ids=ids, attention_mask=mask, adapter_names=["b", "a", "__base__", "small"]).logits.float()
         router = LoraRouter(peft, torch.bfloat16)
         router.rebuild(["a", "b", "small"])
-        assert router.lora_add is None
+        assert router.lora_add is None and router._input_groups  # q/k/v and gate/up share their products
         for rows in (64, 0):  # the masked step, then the grouped prefill
             monkeypatch.setattr(routing, "KERNEL_MAX_ROWS", rows)
             router.set_rows([None if n == "__base__" else n for n in names])

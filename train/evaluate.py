@@ -21,7 +21,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """
     targets = batch["labels"][:, 1:]  # [batch, seq-1]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # [positions]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    # use_cache=False: a loss needs no KV cache, and building one costs every block a cache update
+    # (and a compiled block a second graph: block 0 meets an empty cache, the others a filled one).
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                   use_cache=False).logits
     logits = logits.float()  # [batch, positions, vocab]
     targets = targets[:, keep]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

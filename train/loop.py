@@ -40,6 +40,7 @@ from train.data import (
     split_eval,
     tokenize,
 )
+from train.compiled import compile_blocks
 from train.evaluate import eval_loss, exact_match, token_loss_sum
 from train.fused_lora import fuse_lora_layers
 from train.save import save_adapter
@@ -157,6 +158,11 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
     model = get_peft_model(model, peft_config)
     if use_fused_lora(config.fused_lora, model) and not under_fsdp():  # FSDP's flat parameters keep peft's forward
         fuse_lora_layers(model)
+    if config.compile and under_fsdp():  # FSDP re-wraps the blocks after this; not tried together
+        log.warning("--compile is not applied under FSDP: the blocks run eagerly")
+    elif config.compile:
+        model.enable_input_require_grads()  # every block's input the same kind: block 0 needs no graph of its own
+        log.info("compiled %d decoder blocks' training forward", compile_blocks(model))
     return model
 
 

@@ -1,0 +1,48 @@
+"""Regional compilation (train/compiled.py, `--compile`): the compiled blocks train as the eager
+ones do, one graph serves every block, and evals and generation stay eager."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.test_fused_lora import IDS, assert_close, lora_model, loss_and_grads
+from train.compiled import compile_blocks, decoder_blocks, uncompile_blocks
+
+
+class CountingBackend:
+    """A torch.compile backend that runs graphs eagerly and counts those it was handed."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+def test_compiled_blocks_give_eager_loss_and_gradients(tiny_base):
+    model = lora_model(tiny_base, quantize=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    expected = loss_and_grads(model)
+    assert compile_blocks(model) == model.config.num_hidden_layers  # inductor, as `--compile` runs it
+    assert_close(expected, loss_and_grads(model), rtol=1e-4)
+    assert uncompile_blocks(model) == model.config.num_hidden_layers
+    assert all("forward" not in block.__dict__ for block in decoder_blocks(model))
+
+
+def test_one_graph_serves_every_block_and_evals_stay_eager(tiny_base):
+    model = lora_model(tiny_base, quantize=True)
+    model.enable_input_require_grads()  # else block 0's input alone needs no grad: a second graph, for it
+    backend = CountingBackend()
+    compile_blocks(model, backend=backend)
+    loss_and_grads(model)
+    assert backend.graphs == 1, "each block compiled apart"  # the same code and shapes in every block
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+        model.generate(input_ids=IDS[:1, :4], max_new_tokens=3, do_sample=False)
+    assert backend.graphs == 1  # no new graphs: eval forwards and generation ran eagerly
+    uncompile_blocks(model)
+    loss_and_grads(model)
+    assert backend.graphs == 1  # after uncompile_blocks, training is eager again
