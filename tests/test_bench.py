@@ -21,6 +21,8 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     memory, training, serving = result["memory"], result["training"], result["serving"]
     # The 4-bit base holds what the analytic NF4 + double-quant size says, within 2%.
     assert abs(memory["base_parameter_bytes"] / memory["base_analytic_bytes"] - 1) < 0.02
+    # Nothing of the shape's base, adapters or engine is still reachable once it is done.
+    assert result["left_on_device"]["reachable_bytes"] < 0.05 * memory["base_parameter_bytes"]
     for side in ("ours_fused", "trainer", "ours_peft_forward"):
         assert training[side]["steps"] == 3 and training[side]["real_tokens"] == 3 * 64
     # On the CPU our default is the fused layers, and the ratios are of that run.
