@@ -7,6 +7,7 @@ import torch
 
 from tests.test_fused_lora import IDS, assert_close, lora_model, loss_and_grads
 from train.compiled import compile_blocks, decoder_blocks, uncompile_blocks
+from train.loop import enable_checkpointing
 
 
 class CountingBackend:
@@ -22,7 +23,7 @@ class CountingBackend:
 
 def test_compiled_blocks_give_eager_loss_and_gradients(tiny_base):
     model = lora_model(tiny_base, quantize=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.enable_input_require_grads()
     expected = loss_and_grads(model)
     assert compile_blocks(model) == model.config.num_hidden_layers  # inductor, as `--compile` runs it

@@ -139,7 +139,7 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
     keep_4bit_layers_differentiable(model)
     lora = config.lora
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
     layers = list(range(n_layers - lora.last_layers, n_layers)) if lora.last_layers else None
@@ -164,6 +164,16 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
         model.enable_input_require_grads()  # every block's input the same kind: block 0 needs no graph of its own
         log.info("compiled %d decoder blocks' training forward", compile_blocks(model))
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant checkpoints).
+    transformers 5.x renamed gradient checkpointing to activation checkpointing partway through
+    the 5 series; the old name warns that it goes in v6."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def use_fused_lora(setting: bool | None, model) -> bool:
