@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# bench-gpu on a machine whose Python already has torch with CUDA but not this project's
+# other packages (a lent GPU machine, say). Wheels for what it lacks go in .whl/ beforehand
+# (bitsandbytes, peft, transformers at the versions pyproject.toml allows); they are installed
+# into a scratch folder, never over the machine's own packages. Then:
+#   bash bench/on_gpu_machine.sh              both shapes, no profile (about 7-8 minutes on an H100)
+#   SIZES=8b PROFILE=1 bash bench/on_gpu_machine.sh
+#   TESTS=1 bash bench/on_gpu_machine.sh      also the test suite, on the GPU, first
+# Results go to $OUT (or bench/results/): gpu.json, gpu.log, gpu-profile.txt, tests.log.
+set -o pipefail
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+out=${OUT:-bench/results}
+mkdir -p "$out"
+python3 -c "import torch, bitsandbytes, peft, transformers; assert torch.cuda.is_available(), 'no GPU'; print(torch.cuda.get_device_name(), torch.__version__, bitsandbytes.__version__, peft.__version__, transformers.__version__)" || exit 1
+if [ -n "$TESTS" ]; then
+    # gradio and a browser are not on such machines: the live-server and browser tests are left out.
+    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_server.py \
+        --ignore=tests/test_browser.py tests 2>&1 | tee "$out/tests.log"
+fi
+timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.gpu --sizes ${SIZES:-8b 1b} --out "$out/gpu.json" ${PROFILE:+--profile} 2>&1 | tee "$out/gpu.log"
