@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import math
 import re
@@ -455,30 +456,34 @@ def bench_static_decode(engine: Engine, entries: list, tokens: int) -> dict:
     return out
 
 
-def bench_shared_inputs(engine: Engine, entry, tokens: int) -> dict:
-    """Batch-1 decode on one adapter with q/k/v and gate/up sharing one input product
-    (`serve.routing.InputGroup`, a GPU's default) and with one product per layer, eager and, on a
-    GPU, graphed; the tokens must agree."""
+def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
+    """Decode with q/k/v and gate/up sharing one input product (`serve.routing.InputGroup`, a
+    GPU's default) and with one product per layer: one row on one adapter, and 16 rows over 16
+    adapters; eager and, on a GPU, graphed. The tokens must agree."""
     tokenizer, device = engine.base.tokenizer, engine.base.device
     modes = ("eager", "graphed") if device.type == "cuda" else ("eager",)
-    ids, out, runs = prompt_ids(tokenizer, 1, device), {}, {}
+    cases = {"adapter_batch1": [entries[0].key], "adapters16_batch16": [e.key for e in entries[:16]]}
+    out, runs = {}, {}
     with engine._lock:
-        engine._make_resident([entry])
+        engine._make_resident(entries[:16])
         router = engine._router
         try:
             for shared in (True, False):
                 router.group_inputs = shared
                 router.rebuild(router.keys)
-                for mode in modes:
-                    runs[shared, mode] = static_decode(engine.route([entry.key]), ids, tokens, graph=mode == "graphed")
+                router.lora_add = None  # both ways on the torch paths a GPU runs (the CPU kernel takes no groups)
+                for (case, keys), mode in itertools.product(cases.items(), modes):
+                    ids = prompt_ids(tokenizer, len(keys), device)
+                    run = runs[case, shared, mode] = static_decode(engine.route(keys), ids, tokens, graph=mode == "graphed")
                     label = "shared_inputs" if shared else "per_layer"
-                    out[f"{mode}_adapter_batch1_{label}_tokens_per_s"] = round(runs[shared, mode].steps_per_s, 1)
+                    out[f"{mode}_{case}_{label}_tokens_per_s"] = round(run.steps_per_s * len(keys), 1)
         finally:
             router.group_inputs = None
             router.rebuild(router.keys)
-    for mode in modes:
-        out[f"{mode}_shared_vs_per_layer"] = round(runs[True, mode].steps_per_s / runs[False, mode].steps_per_s, 3)
-        out[f"{mode}_tokens_match"] = bool(torch.equal(runs[True, mode].tokens, runs[False, mode].tokens))
+    for case, mode in itertools.product(cases, modes):
+        shared, apart = runs[case, True, mode], runs[case, False, mode]
+        out[f"{mode}_{case}_shared_vs_per_layer"] = round(shared.steps_per_s / apart.steps_per_s, 3)
+        out[f"{mode}_{case}_tokens_match"] = bool(torch.equal(shared.tokens, apart.tokens))
     return out
 
 
@@ -578,7 +583,7 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     out["static_engine"] = attempt(lambda: bench_static_engine(engine, names, plan))
     progress(out)
     out["static_cache_decode"] = attempt(lambda: bench_static_decode(engine, entries, 2 * plan.new_tokens))
-    out["shared_inputs"] = attempt(lambda: bench_shared_inputs(engine, entries[0], 2 * plan.new_tokens))
+    out["shared_inputs"] = attempt(lambda: bench_shared_inputs(engine, entries, 2 * plan.new_tokens))
     if plan.profile:
         windows.extend(profile_decode(engine, entries, plan.new_tokens))
     return out

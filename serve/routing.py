@@ -62,28 +62,32 @@ class InputGroup:
         self.A = A
         """[slots·M·R, in]: slot s, member m owns rows (s·M + m)·R .. (s·M + m)·R + R."""
         self.members, self.rank = members, rank
+        self.slots = A.shape[0] // (members * rank)
         self.At = [A[i : i + members * rank].t() for i in range(0, A.shape[0], members * rank)]
         """Per slot, its [in, M·R] block of Aᵀ."""
         self.clear()
 
     def clear(self) -> None:
-        self._x = self._hidden = self._route = None
-        self._version, self._pending = -1, set()
+        self._x, self._shares, self._rows_set, self._version, self._left = None, (), -1, -1, 0
 
-    def hidden(self, x: torch.Tensor, x2: torch.Tensor, route: tuple, member: int) -> torch.Tensor:
-        """`x2·Aᵀ` for the route's slot ([rows, M·R]) or every slot ([rows, slots·M·R]), computed
-        by the group's first member to see `x` and kept until every member has read it. Kept only
-        for the same tensor, unchanged (its version) and on the same route: anything else recomputes."""
-        same = self._x is x and self._version == x._version and self._route == route and member in self._pending
-        if not same:
-            at = self.At[route[1]] if route[0] == "single" else self.A.t()
-            self._x, self._version, self._route = x, x._version, route
-            self._hidden, self._pending = torch.mm(x2, at), set(range(self.members))
-        hidden = self._hidden
-        self._pending.discard(member)
-        if not self._pending:  # every member has its share: hold neither the input nor the product
+    def shares(self, x: torch.Tensor, x2: torch.Tensor, slot: int | None, rows_set: int, batch: int) -> tuple:
+        """Each member's share of `x2·Aᵀ`: with one slot for every row, [rows, R] per member; with
+        mixed rows (slot None), [batch, seq, slots, R] per member, every slot's columns. Computed
+        by the first member to see `x` in a step and kept until every member has had its share,
+        only for the same tensor, unchanged (its version), in the same step (`rows_set`, which
+        `LoraRouter.set_rows` counts): anything else recomputes."""
+        if not (self._x is x and self._version == x._version and self._rows_set == rows_set):
+            if slot is not None:
+                self._shares = torch.mm(x2, self.At[slot]).split(self.rank, dim=1)
+            else:
+                hidden = torch.mm(x2, self.A.t())  # [rows, slots·M·R]
+                self._shares = hidden.view(batch, -1, self.slots, self.members, self.rank).unbind(3)
+            self._x, self._version, self._rows_set, self._left = x, x._version, rows_set, self.members
+        shares = self._shares
+        self._left -= 1
+        if self._left == 0:  # every member has had its share: hold neither the input nor the product
             self.clear()
-        return hidden
+        return shares
 
 
 @dataclass
@@ -131,10 +135,8 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x2 = x2.to(stacks.A.dtype)
     slot = router.single
     if slot is not None:  # one adapter for every row: its own blocks, no mask
-        if stacks.group is not None:
-            R = router.rank
-            shared = stacks.group.hidden(x, x2, router.signature(), stacks.member)  # [rows, M·R]
-            hidden = shared[:, stacks.member * R : (stacks.member + 1) * R]
+        if stacks.group is not None:  # [rows, R]: this member's columns of the group's product
+            hidden = stacks.group.shares(x, x2, slot, router.rows_set, 0)[stacks.member]
         else:
             hidden = torch.mm(x2, stacks.At[slot])
         return _add_product(result, hidden, stacks.Bts[slot], stacks.scale[slot])
@@ -142,22 +144,12 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return _add_grouped(router, stacks, x.to(x2.dtype), result)
     mask = router.mask(stacks.mask_id)  # [batch, 1, slots·R]
     if stacks.group is not None:
-        hidden = _masked_share(router, stacks, x, x2, mask)
+        own = stacks.group.shares(x, x2, None, router.rows_set, mask.shape[0])[stacks.member]  # [batch, seq, slots, R]
+        hidden = (own * mask.view(own.shape[0], 1, own.shape[2], own.shape[3])).view(x2.shape[0], -1)
     else:
         hidden = torch.mm(x2, stacks.A.t())  # short steps: every slot at once, fewest ops
         hidden.view(mask.shape[0], -1, hidden.shape[-1]).mul_(mask)
     return _add_product(result, hidden, stacks.Bt, 1.0)
-
-
-def _masked_share(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, x2: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
-    """This member's columns of its group's every-slot product, each row's own slot kept (the
-    mask): [rows, slots·R], as the ungrouped path's hidden."""
-    group, slots, R = stacks.group, len(router.keys), router.rank
-    shared = group.hidden(x, x2, router.signature(), stacks.member)  # [rows, slots·M·R]
-    rows = shared.shape[0]
-    own = shared.view(mask.shape[0], -1, slots, group.members, R)[:, :, :, stacks.member]  # [batch, seq, slots, R]
-    return (own * mask.view(mask.shape[0], 1, slots, R)).view(rows, slots * R)
 
 
 def _add_grouped(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -193,6 +185,8 @@ class LoraRouter:
         wherever the fused CPU kernel is not used (it reads each layer's own contiguous stack, and
         does a layer's work in one call anyway)."""
         self._input_groups: list[InputGroup] = []
+        self.rows_set = 0
+        """Counts `set_rows` calls: an input group's product is kept within one set of rows only."""
         self.keys: list[str] = []
         self.rank = 1
         """R: every slot's rank, padded to the largest resident one."""
@@ -348,8 +342,7 @@ class LoraRouter:
         slot = {key: i for i, key in enumerate(self.keys)}
         slots = [BASE if key is None else slot[key] for key in keys]
         self._slots, self._masks, self._groups = slots, None, None
-        for group in self._input_groups:  # nothing carried over from the last step's inputs
-            group.clear()
+        self.rows_set += 1  # input groups recompute their products for the new rows
         self.single = slots[0] if len(set(slots)) == 1 else None
         self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
         if self._fixed and self.single is None and len(slots) <= self._fixed_rows:  # more: made as usual
