@@ -51,7 +51,7 @@ BASE = -1
 
 PACKED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling layers that transformers' decoder blocks call on one and the same input tensor. Only a
-hint: a group's shared product is reused only for that very tensor (see `InputGroup.hidden`)."""
+hint: a group's shared product is reused only for that very tensor (see `InputGroup.shares`)."""
 
 
 class InputGroup:
@@ -76,13 +76,14 @@ class InputGroup:
         by the first member to see `x` in a step and kept until every member has had its share,
         only for the same tensor, unchanged (its version), in the same step (`rows_set`, which
         `LoraRouter.set_rows` counts): anything else recomputes."""
-        if not (self._x is x and self._version == x._version and self._rows_set == rows_set):
+        version = -2 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if not (self._x is x and self._version == version and self._rows_set == rows_set):
             if slot is not None:
                 self._shares = torch.mm(x2, self.At[slot]).split(self.rank, dim=1)
             else:
                 hidden = torch.mm(x2, self.A.t())  # [rows, slots·M·R]
                 self._shares = hidden.view(batch, -1, self.slots, self.members, self.rank).unbind(3)
-            self._x, self._version, self._rows_set, self._left = x, x._version, rows_set, self.members
+            self._x, self._version, self._rows_set, self._left = x, version, rows_set, self.members
         shares = self._shares
         self._left -= 1
         if self._left == 0:  # every member has had its share: hold neither the input nor the product
@@ -319,7 +320,7 @@ class LoraRouter:
         else:  # slot s's block for this member: rows (s·M + member)·R of the group's stack
             A = group.A.view(slots, group.members, R, base.in_features)[:, member]  # [slots, R, in]
             starts = [(slot * group.members + member) * R for slot in range(slots)]
-        A_rows = A.view(-1, base.in_features) if group is None else group.A
+        A_rows = A if group is None else group.A  # [rows, in] either way; `starts` index it
         Bt = torch.zeros(slots * R, base.out_features, dtype=self._dtype, device=device)
         scale = [0.0] * slots
         for slot, key in enumerate(self.keys):

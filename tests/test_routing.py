@@ -113,6 +113,20 @@ def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeyp
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_shared_inputs_route_under_inference_mode(engine, monkeypatch):
+    """Inference tensors keep no version counter; the shared product must not ask them for one."""
+    names = ["a", "small", "base"]
+    ids, mask = batch(engine, len(names))
+    routed_logits(engine, ids, mask, names)
+    router = engine._router
+    monkeypatch.setattr(router, "lora_add", None)
+    expected = routed_logits(engine, ids, mask, names)
+    with shared_inputs(router), torch.inference_mode():
+        entries = [None if n == "base" else engine.registry.resolve(n) for n in names]
+        got = engine.route([e.key if e else None for e in entries])(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 class CountMatmuls(TorchDispatchMode):
     """Counts aten.mm calls (the routed paths' x·Aᵀ products; the base's linear layers run addmm/mm too)."""
 
