@@ -23,10 +23,10 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, get
 
 from adapters.base import BaseConfig, LoadedBase
 from train.checkpoint import Progress
+from train.compiled import uncompile_blocks
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
 from train.data import Tokenized
 from train.evaluate import eval_loss
-from train.compiled import uncompile_blocks
 from train.loop import attach_lora, count_steps, make_optimizer, run_steps
 
 

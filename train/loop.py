@@ -27,6 +27,7 @@ from adapters.base import LoadedBase, load_base, load_tokenizer, under_fsdp
 from adapters.card import AdapterCard, BaseInfo, DatasetInfo, LoraInfo, MetricInfo, TrainingInfo
 from adapters.store import AdapterStore
 from train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.compiled import compile_blocks
 from train.config import LoraSettings, TrainConfig, config_to_dict
 from train.data import (
     IGNORE_INDEX,
@@ -40,7 +41,6 @@ from train.data import (
     split_eval,
     tokenize,
 )
-from train.compiled import compile_blocks
 from train.evaluate import eval_loss, exact_match, token_loss_sum
 from train.fused_lora import fuse_lora_layers
 from train.save import save_adapter
