@@ -11,24 +11,41 @@ from adapters.chat import encode_prompt, left_pad
 from train.data import IGNORE_INDEX, Example, Tokenized, collate
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the labelled tokens, and their count.
 
     Summing (not averaging) per micro-batch lets gradient accumulation weight every target
     token equally, however the tokens are spread over micro-batches. The output head runs only
     at positions whose next token is a target (`logits_to_keep`): prompt positions need no
     logits, and with a large vocabulary the float32 logits are the biggest activation in the step.
+
+    With `device`, `batch` is still on the CPU: the positions and the count are read there, and
+    the tensors go to the device without the host waiting for the device's queued work (pinned,
+    asynchronous copies on a GPU), which a read of device values would make it do.
     """
     targets = batch["labels"][:, 1:]  # [batch, seq-1]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # [positions]
+    targets = targets[:, keep]
+    count = int((targets != IGNORE_INDEX).sum())
+    if device is not None:
+        batch, keep, targets = to_device(batch, device), _to(keep, device), _to(targets, device)
     # use_cache=False: a loss needs no KV cache, and building one costs every block a cache update
     # (and a compiled block a second graph: block 0 meets an empty cache, the others a filled one).
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
                    use_cache=False).logits
     logits = logits.float()  # [batch, positions, vocab]
-    targets = targets[:, keep]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss, count
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if torch.device(device).type == "cuda":  # from pinned memory the copy is queued, not waited for
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: _to(v, device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -37,8 +54,7 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int, devic
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate(items[start : start + batch_size], pad_id).items()}
-        loss, n = token_loss_sum(model, batch)
+        loss, n = token_loss_sum(model, collate(items[start : start + batch_size], pad_id), device)
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)

@@ -322,33 +322,36 @@ def run_steps(model, items: list[Tokenized], pad_id: int, optimizer, scheduler, 
 
 def train_step(model, micro: list[dict], optimizer, scheduler, accelerator: Accelerator, config: TrainConfig, progress: Progress) -> float:
     """One optimizer step over its micro-batches; returns the step's loss per target token."""
-    loss_value = accumulate_gradients(model, micro, accelerator, progress)
+    loss = accumulate_gradients(model, micro, accelerator, progress)
     if config.optim.max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    # Read only now: on a GPU, reading the loss waits for the backward, and the optimizer's
+    # launches are then queued behind it instead of after the wait.
+    loss_value = float(loss)
     progress.step += 1
     progress.step_in_epoch += 1
     progress.last_loss = loss_value
     return loss_value
 
 
-def accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, progress: Progress) -> float:
-    """Backward over one optimizer step's micro-batches; returns the step's loss per target token.
+def accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, progress: Progress) -> torch.Tensor:
+    """Backward over one optimizer step's micro-batches (still on the CPU); returns the step's loss
+    per target token, on the device, unread.
 
     Each micro-batch's summed loss is divided by the whole window's target-token count, so the
     accumulated gradient is the same as one big batch's. DDP syncs only on the last micro-batch.
     """
     window_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
-    total = 0.0
+    total = torch.zeros((), device=accelerator.device)
     for j, batch in enumerate(micro):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = j == len(micro) - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            loss_sum, _ = token_loss_sum(model, batch)
+            loss_sum, _ = token_loss_sum(model, batch, accelerator.device)
             accelerator.backward(loss_sum / window_tokens)
-        total += loss_sum.detach().item()
+        total += loss_sum.detach()
         progress.tokens += int(batch["attention_mask"].sum())
     return total / window_tokens
 
