@@ -47,6 +47,9 @@ class BenchSettings:
     forward); None: our default (on the CPU only)."""
     compile: bool = False
     """Ours only: torch.compile each decoder block's training forward (train/compiled.py)."""
+    optimizer: str = "adamw"
+    """Ours only (train.loop.make_optimizer); the Trainer runs paged_adamw_8bit on a GPU, as QLoRA's
+    recipe does, and adamw_torch on the CPU."""
 
 
 @dataclass
@@ -75,7 +78,7 @@ def _config(s: BenchSettings, base_path: str) -> TrainConfig:
         base=BaseConfig(base_path),
         lora=LoraSettings(r=s.r, alpha=s.alpha, dropout=0.0),
         optim=OptimSettings(lr=s.lr, warmup_ratio=s.warmup_ratio, epochs=s.epochs, max_steps=s.max_steps,
-                            micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum),
+                            micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum, optimizer=s.optimizer),
         data=DataSettings(path="-"),
         seed=s.seed,
         gradient_checkpointing=s.gradient_checkpointing,

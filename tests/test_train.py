@@ -165,6 +165,8 @@ BAD_SETTINGS = [
     (["--last-layers", "9"], "the base has 2 blocks"),
     (["--name", "../evil"], "invalid adapter name"),
     (["--on-long", "error", "--max-length", "12"], "longer than max_length=12"),
+    (["--optimizer", "sgd"], "optim.optimizer must be one of adamw, paged_adamw_8bit, got 'sgd'"),
+    (["--optimizer", "paged_adamw_8bit", "--device", "cpu"], "paged_adamw_8bit pages its states through CUDA memory; the base is on cpu"),
 ]
 
 

@@ -50,6 +50,9 @@ class LoraSettings:
             raise ValueError("lora.target_modules is empty")
 
 
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+
+
 @dataclass
 class OptimSettings:
     lr: float = _opt(2e-4, "Peak learning rate.")
@@ -61,8 +64,12 @@ class OptimSettings:
     micro_batch_size: int = _opt(8, "Examples per forward pass.")
     grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    optimizer: str = _opt("adamw", "adamw (torch's; one fused kernel for every LoRA matrix on a GPU) or "
+                                   "paged_adamw_8bit (QLoRA's: 8-bit states paged to CPU memory under pressure; GPU only).")
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.schedule not in ("cosine", "linear", "constant"):
