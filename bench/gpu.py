@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import inspect
 import itertools
 import json
 import math
@@ -28,6 +29,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -135,20 +137,22 @@ def leftover(device: torch.device, top: int = 5) -> dict:
     Run 1 on an H100 found about 2 GB left after the 8B shape, not explained then."""
     _free()
     by_storage: dict[int, torch.Tensor] = {}
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.device.type == device.type and obj.untyped_storage().nbytes():
-                by_storage.setdefault(obj.untyped_storage().data_ptr(), obj)
-        except Exception:  # fake and meta tensors have no storage to count
-            continue
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type == device.type and obj.untyped_storage().nbytes():
+                    by_storage.setdefault(obj.untyped_storage().data_ptr(), obj)
+            except Exception:  # fake and meta tensors have no storage to count
+                continue
     found = list(by_storage.values())
     largest = sorted(found, key=lambda t: -t.untyped_storage().nbytes())[:top]
     mine = (by_storage, found, largest)
     return {"allocated_bytes": _allocated(device),
             "reachable_bytes": sum(t.untyped_storage().nbytes() for t in found),
             "largest": [{"shape": list(t.shape), "dtype": str(t.dtype), "bytes": t.untyped_storage().nbytes(),
-                         "held_by": sorted({type(r).__name__ for r in gc.get_referrers(t)
-                                            if not any(r is m for m in mine)})[:6]}
+                         "held_by": sorted({type(r).__name__ for r in gc.get_referrers(t)  # not this function's own
+                                            if not inspect.isframe(r) and not any(r is m for m in mine)})[:6]}
                         for t in largest]}
 
 
