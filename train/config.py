@@ -64,7 +64,7 @@ class OptimSettings:
     micro_batch_size: int = _opt(8, "Examples per forward pass.")
     grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
-    optimizer: str = _opt("adamw", "adamw (torch's; one fused kernel for every LoRA matrix on a GPU) or "
+    optimizer: str = _opt("adamw", "adamw (torch's; fused on a GPU: a few kernels step all the LoRA matrices) or "
                                    "paged_adamw_8bit (QLoRA's: 8-bit states paged to CPU memory under pressure; GPU only).")
 
     def __post_init__(self) -> None:

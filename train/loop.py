@@ -195,11 +195,11 @@ def check_optimizer_fits_device(optimizer: str, device: torch.device) -> None:
 def make_optimizer(model, config: TrainConfig, device: torch.device):
     """AdamW over the trainable (LoRA) parameters.
 
-    The default is torch's, fused on a GPU: one kernel steps every LoRA matrix. QLoRA's paged 8-bit
-    AdamW (`paged_adamw_8bit`) steps them one by one (448 matrices on the 8B shape; on an H100 its
-    step spanned 33 ms of the device's timeline per optimizer step, bench/results/gpu-*-profile.txt) to save
-    memory that LoRA's few parameters hardly need: float32 states for the 8B shape's 42M LoRA
-    parameters take 0.34 GB, 8-bit ones 0.08 GB.
+    The default is torch's, fused on a GPU: a few multi-tensor kernels step all the LoRA matrices
+    together. QLoRA's paged 8-bit AdamW (`paged_adamw_8bit`) steps them one by one (448 matrices
+    on the 8B shape; on an H100 its step spanned 33 ms of the device's timeline per optimizer
+    step, bench/results/gpu-*-profile.txt) to save memory that LoRA's few parameters hardly need:
+    float32 states for the 8B shape's 42M LoRA parameters take 0.34 GB, 8-bit ones 0.08 GB.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = config.optim
