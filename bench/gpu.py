@@ -20,7 +20,6 @@ import argparse
 import functools
 import gc
 import inspect
-import itertools
 import json
 import math
 import re
@@ -441,25 +440,34 @@ def attempt(work) -> dict:
         return {"error": f"{type(err).__name__}: {err}"}
 
 
+def _static_modes(device: torch.device) -> tuple[str, ...]:
+    return ("eager", "graphed") if device.type == "cuda" else ("eager",)
+
+
+def _static_runs(engine: Engine, cases: dict[str, list], tokens: int) -> dict[tuple[str, str], object]:
+    """bench/decode_graph.py's greedy decode for each case's rows (adapter keys, None: the base),
+    eagerly and, on a GPU, replayed from a captured graph: {(case, mode): run}. The caller holds
+    the engine's lock, with the adapters resident."""
+    tokenizer, device = engine.base.tokenizer, engine.base.device
+    return {(case, mode): static_decode(engine.route(keys), prompt_ids(tokenizer, len(keys), device), tokens,
+                                        graph=mode == "graphed")
+            for case, keys in cases.items() for mode in _static_modes(device)}
+
+
 def bench_static_decode(engine: Engine, entries: list, tokens: int) -> dict:
     """The CUDA-graph experiment (bench/decode_graph.py): greedy decode with a static cache, each
     step launched from Python (eager) and, on a GPU, replayed from one captured graph; one row on
     the base and on one adapter, 16 rows on the base and over 16 adapters. The graphed tokens must
     equal the eager ones. On the CPU only the eager runs (there is nothing to capture)."""
-    tokenizer, device = engine.base.tokenizer, engine.base.device
-    modes = ("eager", "graphed") if device.type == "cuda" else ("eager",)
     cases = {"base_batch1": [None], "adapter_batch1": [entries[0].key], "base_batch16": [None] * 16,
              "adapters16_batch16": [e.key for e in entries[:16]]}
-    out: dict = {}
     with engine._lock:
         engine._make_resident(entries)
-        for case, keys in cases.items():
-            ids = prompt_ids(tokenizer, len(keys), device)
-            runs = {mode: static_decode(engine.route(keys), ids, tokens, graph=mode == "graphed") for mode in modes}
-            for mode, run in runs.items():
-                out[f"{mode}_{case}_tokens_per_s"] = round(run.steps_per_s * len(keys), 1)
-            if "graphed" in runs:
-                out[f"graphed_{case}_matches_eager"] = bool(torch.equal(runs["graphed"].tokens, runs["eager"].tokens))
+        runs = _static_runs(engine, cases, tokens)
+    out: dict = {f"{mode}_{case}_tokens_per_s": round(run.steps_per_s * len(cases[case]), 1) for (case, mode), run in runs.items()}
+    modes = _static_modes(engine.base.device)
+    for case in cases if "graphed" in modes else ():
+        out[f"graphed_{case}_matches_eager"] = bool(torch.equal(runs[case, "graphed"].tokens, runs[case, "eager"].tokens))
     for mode in modes:
         out[f"{mode}_decode_adapter_vs_base"] = round(out[f"{mode}_adapter_batch1_tokens_per_s"] / out[f"{mode}_base_batch1_tokens_per_s"], 3)
         out[f"{mode}_16_adapters_vs_base"] = round(out[f"{mode}_adapters16_batch16_tokens_per_s"] / out[f"{mode}_base_batch16_tokens_per_s"], 3)
@@ -470,10 +478,8 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
     """Decode with q/k/v and gate/up sharing one input product (`serve.routing.InputGroup`, a
     GPU's default) and with one product per layer: one row on one adapter, and 16 rows over 16
     adapters; eager and, on a GPU, graphed. The tokens must agree."""
-    tokenizer, device = engine.base.tokenizer, engine.base.device
-    modes = ("eager", "graphed") if device.type == "cuda" else ("eager",)
     cases = {"adapter_batch1": [entries[0].key], "adapters16_batch16": [e.key for e in entries[:16]]}
-    out, runs = {}, {}
+    runs = {}
     with engine._lock:
         engine._make_resident(entries[:16])
         router = engine._router
@@ -482,16 +488,17 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
                 router.group_inputs = shared
                 router.rebuild(router.keys)
                 router.lora_add = None  # both ways on the torch paths a GPU runs (the CPU kernel takes no groups)
-                for (case, keys), mode in itertools.product(cases.items(), modes):
-                    ids = prompt_ids(tokenizer, len(keys), device)
-                    run = runs[case, shared, mode] = static_decode(engine.route(keys), ids, tokens, graph=mode == "graphed")
-                    label = "shared_inputs" if shared else "per_layer"
-                    out[f"{mode}_{case}_{label}_tokens_per_s"] = round(run.steps_per_s * len(keys), 1)
+                runs[shared] = _static_runs(engine, cases, tokens)
         finally:
             router.group_inputs = None
             router.rebuild(router.keys)
-    for case, mode in itertools.product(cases, modes):
-        shared, apart = runs[case, True, mode], runs[case, False, mode]
+    out = {}
+    for shared, label in ((True, "shared_inputs"), (False, "per_layer")):
+        out.update({f"{mode}_{case}_{label}_tokens_per_s": round(run.steps_per_s * len(cases[case]), 1)
+                    for (case, mode), run in runs[shared].items()})
+    for key, shared in runs[True].items():
+        apart = runs[False][key]
+        case, mode = key
         out[f"{mode}_{case}_shared_vs_per_layer"] = round(shared.steps_per_s / apart.steps_per_s, 3)
         out[f"{mode}_{case}_tokens_match"] = bool(torch.equal(shared.tokens, apart.tokens))
     return out
