@@ -45,6 +45,7 @@ from bench.profiling import Window, profile_window, report
 from bench.training import BenchSettings, OursRun, run_ours, run_trainer
 from serve.batcher import ContinuousBatcher
 from serve.engine import ChatRequest, Engine, SamplingParams, warm_up
+from serve.kernels import lora_triton
 from serve.registry import AdapterRegistry
 from serve.slots import DecodeSettings
 from train.data import IGNORE_INDEX, Tokenized
@@ -80,10 +81,16 @@ class Plan:
     rank: int = 16
     profile: bool = False
     """Also run a few steps of each kind under torch.profiler (bench/profiling.py)."""
+    skip: tuple[str, ...] = ()
+    """`EXPERIMENTS` left out, to fit a run into the device time at hand."""
 
     @classmethod
-    def for_shape(cls, shape: str, profile: bool = False) -> "Plan":
-        return cls(64, 3, 8, profile=profile) if shape == "tiny" else cls(2048, 10, 32, profile=profile)
+    def for_shape(cls, shape: str, profile: bool = False, skip: tuple[str, ...] = ()) -> "Plan":
+        work = (64, 3, 8) if shape == "tiny" else (2048, 10, 32)
+        return cls(*work, profile=profile, skip=tuple(skip))
+
+    def runs(self, experiment: str) -> bool:
+        return experiment not in self.skip
 
     def train_settings(self, steps: int) -> BenchSettings:
         """The issue's QLoRA setting: r=16 on every linear layer, batch 1, gradient checkpointing."""
@@ -242,11 +249,12 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
     # so that the optimizer's share of the difference shows.
     runs = [("trainer", run_trainer, settings), ("ours_fused", run_ours, replace(settings, fused_lora=True)),
             ("ours_peft_forward", run_ours, replace(settings, fused_lora=False))]
-    if base.device.type == "cuda":
+    if base.device.type == "cuda" and plan.runs("paged_8bit"):
         runs.append(("ours_paged_adamw_8bit", run_ours, replace(settings, optimizer="paged_adamw_8bit")))
     for label, runner, chosen in runs:
         results[label] = _timed_run(base, runner, train, evals, chosen)
-    results["ours_compiled"] = attempt(lambda: compiled_training(base, train, evals, settings, warm))
+    if plan.runs("compiled"):
+        results["ours_compiled"] = attempt(lambda: compiled_training(base, train, evals, settings, warm))
     fused, plain, theirs = results["ours_fused"], results["ours_peft_forward"], results["trainer"]
     default = "ours_fused" if base.device.type == "cpu" else "ours_peft_forward"  # train.loop.use_fused_lora
     ours = results[default]
@@ -259,7 +267,7 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
         "peak_memory_ratio": round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3),
         "fused_vs_peft_forward_tokens_per_s": round(fused["tokens_per_s"] / plain["tokens_per_s"], 3),
-        **_ratios_of_compiled(results["ours_compiled"], theirs),
+        **_ratios_of_compiled(results.get("ours_compiled", {"error": "skipped"}), theirs),
         **({"adamw_vs_paged_8bit_tokens_per_s": round(plain["tokens_per_s"] / results["ours_paged_adamw_8bit"]["tokens_per_s"], 3)}
            if "ours_paged_adamw_8bit" in results else {}),
     }
@@ -504,6 +512,53 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
     return out
 
 
+def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
+    """The routed delta from the Triton kernel (`serve/kernels/lora_triton.py`: one launch per
+    layer) against the torch products a GPU runs by default: one row on one adapter, and four rows
+    over four adapters (the kernel takes up to MAX_ROWS rows); eager and, on a GPU, graphed, with
+    the base at batch 1 beside them for the ratio the batch-1 target names. The kernel keeps h in
+    float32 where torch rounds it to bf16, so the tokens may part on random weights: reported, not
+    required. `kernel_answers` counts the calls the kernel took and declined (graph replays do not
+    call Python: eager steps and captures only)."""
+    if not lora_triton.available() or (engine.base.device.type == "cpu" and not lora_triton.INTERPRETED):
+        return {"skipped": "needs triton, and a GPU (on the CPU: TRITON_INTERPRET=1 set before triton is imported)"}
+    cases = {"torch": {"base_batch1": [None], "adapter_batch1": [entries[0].key], "adapters4_batch4": [e.key for e in entries[:4]]}}
+    cases["triton"] = {case: keys for case, keys in cases["torch"].items() if case != "base_batch1"}
+    runs, answers = {}, {True: 0, False: 0}
+    with engine._lock:
+        engine._make_resident(entries[:4])
+        router = engine._router
+        try:
+            for kernel in ("torch", "triton"):
+                router.kernel = kernel
+                router.rebuild(router.keys)
+                if kernel == "triton":
+                    taken = router.lora_add
+                    router.lora_add = lambda *args: _counted(answers, taken(*args))
+                runs[kernel] = _static_runs(engine, cases[kernel], tokens)
+        finally:
+            router.kernel = engine.lora_kernel
+            router.rebuild(router.keys)
+    out: dict = {"kernel_answers": {"taken": answers[True], "declined": answers[False]}}
+    for kernel, kernel_runs in runs.items():
+        out.update({f"{mode}_{case}_{kernel}_tokens_per_s": round(run.steps_per_s * len(cases[kernel][case]), 1)
+                    for (case, mode), run in kernel_runs.items()})
+    for (case, mode), run in runs["triton"].items():
+        torch_run = runs["torch"][case, mode]
+        out[f"{mode}_{case}_triton_vs_torch"] = round(run.steps_per_s / torch_run.steps_per_s, 3)
+        out[f"{mode}_{case}_tokens_match"] = bool(torch.equal(run.tokens, torch_run.tokens))
+    for mode in _static_modes(engine.base.device):
+        base = runs["torch"]["base_batch1", mode].steps_per_s
+        for kernel in runs:
+            out[f"{mode}_decode_adapter_vs_base_{kernel}"] = round(runs[kernel]["adapter_batch1", mode].steps_per_s / base, 3)
+    return out
+
+
+def _counted(answers: dict, answer: bool) -> bool:
+    answers[bool(answer)] += 1
+    return answer
+
+
 def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
     """The engine with the static decode cache (`serve/slots.py`): on a GPU each batch bucket's step
     is captured once and replayed (the warm run captures; the timed run replays), on the CPU the
@@ -595,12 +650,17 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     # on the 16-adapter mix, is the baseline for every mix.
     for k in (1, 4, 16):
         out[f"serve_{k}_adapters_vs_set_adapter"] = round(out[f"engine_{k}_adapters_tokens_per_s"] / out["set_adapter_16_adapters_tokens_per_s"], 2)
-    # Both new on the GPU side: if a capture fails there, the figures above still count.
+    # The experiments, each written as soon as it is measured (a run cut off keeps the earlier
+    # ones): if a capture or the Triton kernel fails on the GPU, the figures above still count.
     entries = [registry.resolve(n) for n in names]
-    out["static_engine"] = attempt(lambda: bench_static_engine(engine, names, plan))
-    progress(out)
-    out["static_cache_decode"] = attempt(lambda: bench_static_decode(engine, entries, 2 * plan.new_tokens))
-    out["shared_inputs"] = attempt(lambda: bench_shared_inputs(engine, entries, 2 * plan.new_tokens))
+    experiments = {"static_engine": lambda: bench_static_engine(engine, names, plan),
+                   "lora_kernel": lambda: bench_lora_kernel(engine, entries, 2 * plan.new_tokens),
+                   "static_cache_decode": lambda: bench_static_decode(engine, entries, 2 * plan.new_tokens),
+                   "shared_inputs": lambda: bench_shared_inputs(engine, entries, 2 * plan.new_tokens)}
+    for name, experiment in experiments.items():
+        if plan.runs(name):
+            out[name] = attempt(experiment)
+            progress(out)
     if plan.profile:
         windows.extend(profile_decode(engine, entries, plan.new_tokens))
     return out
@@ -609,12 +669,17 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
 # -- one shape ----------------------------------------------------------------------------
 
 STAGES = ("training", "serving")
+EXPERIMENTS = ("paged_8bit", "compiled", "static_engine", "lora_kernel", "static_cache_decode", "shared_inputs")
+"""Runs beyond the issue's figures, each comparing one change with what it would replace; `--skip`
+leaves any of them out (training: ours with the paged 8-bit optimizer, ours compiled; serving:
+the rest)."""
 
 
 def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: float | None, log,
-                profiles: dict[str, list[Window]], profile: bool = False, stages: tuple[str, ...] = STAGES) -> dict:
+                profiles: dict[str, list[Window]], profile: bool = False, stages: tuple[str, ...] = STAGES,
+                skip: tuple[str, ...] = ()) -> dict:
     """One shape's figures; with `profile`, its profiled windows go into profiles[shape]."""
-    plan = Plan.for_shape(shape, profile)
+    plan = Plan.for_shape(shape, profile, skip)
     windows = profiles.setdefault(shape, [])
     folder = workdir / shape
     folder.mkdir(parents=True, exist_ok=True)
@@ -696,6 +761,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default bench/results/gpu-<gpu name>.json (cpu-tiny.json on the CPU)")
     parser.add_argument("--workdir", default=None, help="where the random models are built (default: a temporary folder)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to run (default: both)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=EXPERIMENTS, metavar="EXPERIMENT",
+                        help=f"experiments to leave out: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--profile", action="store_true",
                         help="also profile a few training and decode steps; tables in <out>-profile.txt")
     args = parser.parse_args()
@@ -732,7 +799,7 @@ def main() -> None:
         for shape in shapes:
             try:
                 bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log, profiles, args.profile,
-                            tuple(args.stages))
+                            tuple(args.stages), tuple(args.skip))
             except Exception as err:  # keep the other shapes' figures; say what broke
                 traceback.print_exc()
                 results["shapes"].setdefault(shape, {})["error"] = f"{type(err).__name__}: {err}"

@@ -3,8 +3,9 @@
 # other packages (a lent GPU machine, say). Wheels for what it lacks go in .whl/ beforehand
 # (bitsandbytes, peft, transformers at the versions pyproject.toml allows); they are installed
 # into a scratch folder, never over the machine's own packages. Then:
-#   bash bench/on_gpu_machine.sh              both shapes, no profile (about 7-8 minutes on an H100)
+#   bash bench/on_gpu_machine.sh              both shapes, no profile (estimated over 8 minutes on an H100)
 #   SIZES=8b PROFILE=1 bash bench/on_gpu_machine.sh
+#   SIZES=8b SKIP="static_cache_decode shared_inputs" bash bench/on_gpu_machine.sh   fewer experiments
 #   TESTS=1 bash bench/on_gpu_machine.sh      also the test suite, on the GPU, first
 # Results go to $OUT (or bench/results/): gpu.json, gpu.log, gpu-profile.txt, tests.log.
 set -o pipefail
@@ -23,4 +24,4 @@ if [ -n "$TESTS" ]; then
     timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_server.py \
         --ignore=tests/test_browser.py tests 2>&1 | tee "$out/tests.log"
 fi
-timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.gpu --sizes ${SIZES:-8b 1b} --out "$out/gpu.json" ${PROFILE:+--profile} 2>&1 | tee "$out/gpu.log"
+timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.gpu --sizes ${SIZES:-8b 1b} --out "$out/gpu.json" ${SKIP:+--skip $SKIP} ${PROFILE:+--profile} 2>&1 | tee "$out/gpu.log"

@@ -9,6 +9,7 @@ import sys
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
+from serve.routing import KERNELS, LoraRouter
 
 
 def build_registry(args) -> tuple[AdapterRegistry, object]:
@@ -68,9 +69,15 @@ def cmd_web(args) -> int:
     from serve.slots import DecodeSettings
 
     access = access_from(args)  # bad --auth entries fail before the base loads
+    try:
+        LoraRouter.check_kernel(args.lora_kernel)  # so does a kernel this machine cannot run
+    except ValueError as err:
+        print(f"error: --lora-kernel: {err}", file=sys.stderr)
+        return 2
     config = ServiceConfig(base=args.base, adapters=args.adapters, quantize=not args.no_quant, max_loaded=args.max_loaded,
                            max_queue=args.max_queue, limits=ServeLimits(max_new_tokens=args.max_new_tokens_limit),
-                           reports=args.reports, decode=DecodeSettings(static_cache=args.cuda_graphs, context=args.graph_context))
+                           reports=args.reports, decode=DecodeSettings(static_cache=args.cuda_graphs, context=args.graph_context),
+                           lora_kernel=args.lora_kernel)
     service = Service.start(config)
     try:
         run(service, access)
@@ -130,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                           "(on a GPU; the CPU runs the same steps eagerly). Experimental: see README, Performance.")
     web.add_argument("--graph-context", type=int, default=1024,
                      help="With --cuda-graphs: tokens of prompt and reply one request may hold (replies are capped to fit).")
+    web.add_argument("--lora-kernel", choices=KERNELS, default="auto",
+                     help="What adds each row's LoRA delta: auto (a fused C++ kernel for float32 on the CPU, torch "
+                          "ops elsewhere), torch, or triton (one Triton kernel per layer for decode steps of up to 4 "
+                          "rows; needs the triton package; experimental, see README, Performance).")
     evaluate = sub.add_parser("eval", help="Every servable adapter and the base on every task's eval set.")
     evaluate.add_argument("--data-dir", default="data", help="Folder of <task>/eval.jsonl files.")
     evaluate.add_argument("--limit", type=int, default=200, help="Examples per task.")

@@ -121,8 +121,12 @@ class AdapterCache:
 class Engine:
     """Generates replies for batches of requests that each name their own adapter."""
 
-    def __init__(self, base: LoadedBase, registry: AdapterRegistry, max_loaded: int = 8, limits: ServeLimits = ServeLimits()):
+    def __init__(self, base: LoadedBase, registry: AdapterRegistry, max_loaded: int = 8, limits: ServeLimits = ServeLimits(),
+                 lora_kernel: str = "auto"):
+        LoraRouter.check_kernel(lora_kernel)  # a bad choice fails here, not at the first adapter request
         self.base, self.registry, self.limits = base, registry, limits
+        self.lora_kernel = lora_kernel
+        """Which fused kernel adds the routed LoRA delta where it applies (`serve.routing.KERNELS`)."""
         self.cache = AdapterCache(max_loaded)
         self._model: PeftModel | None = None
         self._router: LoraRouter | None = None
@@ -173,7 +177,7 @@ class Engine:
             self._unload(key)
             changed = True
         if self._model is not None and (changed or self._router is None):
-            self._router = self._router or LoraRouter(self._model, self.base.compute_dtype)
+            self._router = self._router or LoraRouter(self._model, self.base.compute_dtype, kernel=self.lora_kernel)
             self._router.rebuild(self.cache.resident())
 
     def route(self, keys: list[str | None]) -> torch.nn.Module:

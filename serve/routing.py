@@ -7,7 +7,8 @@ zero-padded to the largest, R; slot s owns rows s·R .. s·R+R of both), and one
 same few operations per layer however many adapters the batch mixes:
 
 - on the CPU in float32, one call of a fused kernel (`serve/kernels`) that computes each row's
-  `scale·(x·Aₛᵀ)·Bₛ` for its own slot s and adds it to the base layer's output;
+  `scale·(x·Aₛᵀ)·Bₛ` for its own slot s and adds it to the base layer's output; on a GPU, when
+  asked for (`kernel="triton"`), a Triton kernel that does the same for decode steps of a few rows;
 - otherwise (a GPU, other dtypes, long prefills) torch ops: when every row uses one adapter, two
   matrix products with that slot's own blocks; when rows mix adapters, `h = x·Aᵀ` for every slot
   at once, `h *= mask` (each row keeps its own slot's columns, times its alpha/r), `y += h·Bᵀ`.
@@ -35,6 +36,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from serve import kernels
+from serve.kernels import lora_triton
 
 KERNEL_MAX_ROWS = 64
 """Above this many rows (a long prefill) torch's blocked matrix products beat the row-at-a-time kernel."""
@@ -45,6 +47,11 @@ per layer) unless its [rows, slots·R] hidden tensor would pass this many elemen
 Grouping launches about five kernels per adapter per layer, and on a GPU at these sizes the
 launches, not the arithmetic, set the time; at the bound the masked path's extra arithmetic is
 still a few percent of the base's own."""
+
+KERNELS = ("auto", "torch", "triton")
+"""`LoraRouter`'s kernel choices: auto (the fused CPU kernel for float32 on the CPU, torch ops
+elsewhere), torch (torch ops everywhere), triton (`serve/kernels/lora_triton.py` for decode steps
+of up to its MAX_ROWS rows, torch ops for the rest; experimental until bench-gpu has timed it)."""
 
 BASE = -1
 """`LoraRouter.single` when every row uses the base alone."""
@@ -103,7 +110,7 @@ class LayerStacks:
     scale: tuple[float, ...]
     """alpha/r per slot."""
     scale_t: torch.Tensor
-    """The same as a float tensor, for the kernel."""
+    """The same as a float32 tensor on the layer's device, for the kernels."""
     At: list[torch.Tensor]
     """Per slot, its [in, R] block of Aᵀ (a view)."""
     Bts: list[torch.Tensor]
@@ -127,9 +134,10 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return result
     stacks: LayerStacks = self._stacks
     # The kernel declines (False) what it does not take: other dtypes, strided rows, autograd,
-    # and prefills over KERNEL_MAX_ROWS rows, where torch's blocked matrix products are faster.
+    # and steps over `kernel_rows` rows (the CPU kernel's KERNEL_MAX_ROWS; Triton's few), where
+    # torch's blocked matrix products are faster.
     if router.lora_add is not None and router.lora_add(result, x, stacks.A, stacks.Bt, router.item_slots,
-                                                       stacks.scale_t, router.rank, KERNEL_MAX_ROWS):
+                                                       stacks.scale_t, router.rank, router.kernel_rows):
         return result
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != stacks.A.dtype:
@@ -177,8 +185,12 @@ def _add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
 
 
 class LoraRouter:
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, group_inputs: bool | None = None):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, group_inputs: bool | None = None,
+                 kernel: str = "auto"):
+        self.check_kernel(kernel)
         self.model = model
+        self.kernel = kernel
+        """Which fused kernel adds the delta where it can (`KERNELS`)."""
         self.dtype = dtype
         """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
         self.group_inputs = group_inputs
@@ -201,7 +213,11 @@ class LoraRouter:
         """Per distinct scale vector, [batch, 1, slots·R]: each row's own slot's columns times its
         alpha/r; made on the first forward of a step that needs them (the kernel does not)."""
         self.lora_add = None
-        """The fused CPU kernel's entry point, when the stacks are float32 on the CPU and it could be built."""
+        """The fused kernel's entry point (`kernel`), where one applies; it declines what it does not take."""
+        self.kernel_rows = 0
+        """The most rows a step may have for `lora_add` to be tried."""
+        self._slot_buffer: torch.Tensor | None = None
+        """For a kernel on a GPU: the rows' slots on the device, at one address (a captured step reads it)."""
         self._scale_vectors: list[tuple[float, ...]] = []
         self._device, self._dtype = torch.device("cpu"), torch.float32
         """Where and in what dtype the stacks live (the masks must match)."""
@@ -210,6 +226,14 @@ class LoraRouter:
         self._fixed_rows = 0
         self._fixed: list[torch.Tensor] = []
         """With `fix_masks`: per scale vector, a [rows, 1, slots·R] buffer the row masks are written into."""
+
+    @staticmethod
+    def check_kernel(kernel: str) -> None:
+        """Raise ValueError, naming the choice, for a kernel that is unknown or cannot run here."""
+        if kernel not in KERNELS:
+            raise ValueError(f"LoRA kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
+        if kernel == "triton" and not lora_triton.available():
+            raise ValueError("LoRA kernel 'triton': the triton package is not installed (pip install triton)")
 
     def layers(self) -> list[LoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
@@ -221,10 +245,7 @@ class LoraRouter:
         self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
         self._scale_vectors = []
         self._device, self._dtype = self._placement(layers)
-        on_cpu_fp32 = self._device.type == "cpu" and self._dtype == torch.float32
-        kernel = kernels.load() if on_cpu_fp32 else None
-        grouping = self.group_inputs if self.group_inputs is not None else kernel is None
-        self.lora_add = kernel.lora_add_ if kernel is not None and not grouping else None
+        grouping = self._pick_kernel()
         place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
         self._input_groups = []
         for members in self._sibling_layers() if grouping else []:
@@ -237,6 +258,22 @@ class LoraRouter:
             layer._stacks = self._stack(layer, *place.get(id(layer), (None, 0)))
         self.single, self._slots, self._masks, self._groups = BASE, [], None, None
         self._allocate_fixed()
+
+    def _pick_kernel(self) -> bool:
+        """Set `lora_add` and `kernel_rows` for the stacks about to be built (on `_device`, in
+        `_dtype`); returns whether `PACKED_INPUTS` siblings are to share one A stack."""
+        on_cpu_fp32 = self._device.type == "cpu" and self._dtype == torch.float32
+        cpu_kernel = kernels.load() if self.kernel == "auto" and on_cpu_fp32 else None
+        grouping = self.group_inputs if self.group_inputs is not None else cpu_kernel is None
+        if self.kernel == "triton":  # it reads a group's stacks too
+            self.lora_add, self.kernel_rows = lora_triton.lora_add_, lora_triton.MAX_ROWS
+        elif cpu_kernel is not None and not grouping:  # it reads each layer's own contiguous stack only
+            self.lora_add, self.kernel_rows = cpu_kernel.lora_add_, KERNEL_MAX_ROWS
+        else:
+            self.lora_add, self.kernel_rows = None, 0
+        on_device = self.lora_add is not None and self._device.type != "cpu"
+        self._slot_buffer = torch.full((self.kernel_rows,), BASE, dtype=torch.long, device=self._device) if on_device else None
+        return grouping
 
     def fix_masks(self, rows: int) -> None:
         """Write row masks into fixed buffers of up to `rows` rows from now on, made when the rows
@@ -334,7 +371,7 @@ class LoraRouter:
         scale = tuple(scale)
         if scale not in self._scale_vectors:
             self._scale_vectors.append(scale)
-        return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32),
+        return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32, device=device),
                            [A_rows[i : i + R].t() for i in starts], [Bt[i * R : i * R + R] for i in range(slots)],
                            self._scale_vectors.index(scale), group, member)
 
@@ -345,7 +382,10 @@ class LoraRouter:
         self._slots, self._masks, self._groups = slots, None, None
         self.rows_set += 1  # input groups recompute their products for the new rows
         self.single = slots[0] if len(set(slots)) == 1 else None
-        self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
+        item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
+        if self._slot_buffer is not None and len(item_slots) <= len(self._slot_buffer):
+            item_slots = self._slot_buffer[: len(item_slots)].copy_(item_slots, non_blocking=True)
+        self.item_slots = item_slots
         if self._fixed and self.single is None and len(slots) <= self._fixed_rows:  # more: made as usual
             for fixed, scale in zip(self._fixed, self._scale_vectors):
                 fixed[: len(slots)].copy_(self._make_mask(scale))

@@ -46,6 +46,8 @@ class ServiceConfig:
     """Where `make eval` writes the adapter x task matrix the Adapters tab shows."""
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     """The decode loop's KV cache: growing (default), or static slots with captured CUDA graphs."""
+    lora_kernel: str = "auto"
+    """The routed LoRA delta's kernel (`serve.routing.KERNELS`): auto, torch, or triton (GPU, experimental)."""
 
 
 @dataclass
@@ -78,7 +80,8 @@ class AdapterRow:
 class Service:
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, config: ServiceConfig = ServiceConfig()):
         self.base, self.registry, self.config = base, registry, config
-        self.engine = Engine(base, registry, max_loaded=config.max_loaded, limits=config.limits)
+        self.engine = Engine(base, registry, max_loaded=config.max_loaded, limits=config.limits,
+                             lora_kernel=config.lora_kernel)
         self.batcher = ContinuousBatcher(self.engine, max_batch=config.limits.max_batch, decode=config.decode)
         self._slots = threading.BoundedSemaphore(config.max_queue)
 

@@ -45,6 +45,12 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     assert "error" not in shared
     for case in ("adapter_batch1", "adapters16_batch16"):
         assert shared[f"eager_{case}_shared_inputs_tokens_per_s"] > 0 and shared[f"eager_{case}_per_layer_tokens_per_s"] > 0
+    # The Triton LoRA kernel (interpreted here: conftest set TRITON_INTERPRET=1, which the bench
+    # inherits) took the decode steps and declined the prefills, which have more rows.
+    kernel = serving["lora_kernel"]
+    assert "error" not in kernel and kernel["kernel_answers"]["taken"] > 0 and kernel["kernel_answers"]["declined"] > 0
+    for case in ("adapter_batch1", "adapters4_batch4"):
+        assert kernel[f"eager_{case}_triton_tokens_per_s"] > 0 and kernel[f"eager_{case}_torch_tokens_per_s"] > 0
     # The engine on the static decode cache served every mix (eagerly: nothing captured on the CPU).
     engine_static = serving["static_engine"]
     assert "error" not in engine_static and engine_static["graph_captures"] == 0 and engine_static["graph_error"] is None

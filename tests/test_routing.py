@@ -21,6 +21,7 @@ import serve.routing as routing
 from adapters import AdapterStore, BaseConfig, BaseShape, load_base
 from adapters.chat import left_pad
 from serve import kernels
+from serve.kernels import lora_triton
 from serve.engine import Engine
 from serve.registry import AdapterRegistry
 from tests.conftest import save_random_adapter
@@ -110,6 +111,40 @@ def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeyp
         assert all(group._x is None for group in router._input_groups)  # every member read its share: nothing held
     assert len(router._scale_vectors) == 2  # q_proj's alpha/r differ for "b"
     assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@contextmanager
+def triton_kernel(router, shared: bool):
+    """The router restacked to add its deltas with the Triton kernel (interpreted here), with or
+    without input groups; restacked as before afterwards. Yields the kernel's answers, one per call."""
+    router.kernel, router.group_inputs = "triton", shared
+    router.rebuild(router.keys)
+    answers, kernel = [], router.lora_add
+    router.lora_add = lambda *args: answers.append(kernel(*args)) or answers[-1]
+    try:
+        yield answers
+    finally:
+        router.kernel, router.group_inputs = "auto", None
+        router.rebuild(router.keys)
+
+
+DECODE_STEPS = {"one-adapter": (["a"], 1), "mixed": (["small", "base", "b", "a"], 1), "two-tokens": (["b", "a"], 2)}
+"""Rows (adapters, tokens per row) of the small steps the Triton kernel takes."""
+
+
+@pytest.mark.skipif(not lora_triton.INTERPRETED, reason="triton was imported before TRITON_INTERPRET=1 was set")
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared-inputs"])
+@pytest.mark.parametrize("step", DECODE_STEPS)
+def test_triton_kernel_matches_peft_per_row(engine, tiny_base, mixed_ranks, step, shared):
+    names, tokens = DECODE_STEPS[step]
+    ids = torch.tensor([[7 + 3 * row + t for t in range(tokens)] for row in range(len(names))])
+    mask = torch.ones_like(ids)
+    expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["__base__" if n == "base" else n for n in names])
+    routed_logits(engine, ids, mask, names)  # makes the adapters resident: the router now exists
+    with triton_kernel(engine._router, shared) as answers:
+        got = routed_logits(engine, ids, mask, names)
+    assert answers == [True] * len(engine._router.layers())  # every adapted layer's delta came from the kernel
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -274,3 +309,14 @@ def test_fixed_masks_route_alike_and_keep_their_storage(engine, monkeypatch):
         assert router._masks is None and router.mask(0).shape[0] == 10
     finally:
         router.fix_masks(0)
+
+
+def test_a_kernel_choice_is_checked_before_anything_loads(monkeypatch):
+    with pytest.raises(ValueError, match="'cuda'.*auto, torch, triton"):
+        routing.LoraRouter.check_kernel("cuda")
+    monkeypatch.setattr(lora_triton, "triton", None)  # as on a machine without the package
+    with pytest.raises(ValueError, match="triton package is not installed"):
+        routing.LoraRouter.check_kernel("triton")
+    with pytest.raises(ValueError, match="triton package is not installed"):
+        Engine(None, None, lora_kernel="triton")  # refused before the engine touches its base
+    routing.LoraRouter.check_kernel("torch")

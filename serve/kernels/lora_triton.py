@@ -1,0 +1,132 @@
+"""A Triton kernel for the routed LoRA delta of a decode step: one launch per adapted layer.
+
+On a GPU a decode step at batch 1 is set by how many kernels it launches and how long each tiny
+one takes, not by arithmetic. The torch path costs each adapted layer a matrix product `x·Aᵀ`
+that cuBLAS splits over the input width (two kernels for a [1, 4096]·[4096, 16] product) and an
+`addmm_` for `h·Bᵀ`: bench-gpu on an H100 (8B shape) measured about 9.6 µs per layer, 2.1 ms of
+a 9.2 ms graphed step. Here one kernel does both products for every row:
+
+    program (row, n-block):  h = scale_s · x_row·A_sᵀ  (all R ranks, fp32 accumulation)
+                             out[row, n-block] += h·Bᵀ_s[:, n-block]
+
+Each program recomputes h for its row: the A block it reads (R × in) is the same for every
+n-block of that row and stays in L2, so the repeat costs cache bandwidth, not launches. That is
+what limits the kernel to a few rows (`MAX_ROWS`); wider steps keep the torch products, which
+read each A block once.
+
+Same contract as the CPU kernel (`lora_cpu.cpp`): `lora_add_` returns False for what it does
+not take, and the router then runs torch ops that compute the same delta. Compiled for CUDA
+tensors. When TRITON_INTERPRET=1 was set before triton was first imported, Triton's interpreter
+runs it on CPU tensors instead (how the tests check it on a machine without a GPU); otherwise CPU
+tensors are declined.
+
+The block sizes are first guesses, not tuned: bench-gpu times this kernel against the torch
+path (`lora_kernel` in its results) on the next GPU run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional: without triton the router keeps torch ops
+    triton = tl = None
+
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Triton decides at its first import whether `triton.jit` compiles or interprets (its own library
+functions, `tl.sum` among them, are made one way or the other then): read here at the same time."""
+
+MAX_ROWS = 4
+"""Rows (batch items × tokens) above which the torch products are used: every row rereads its A block."""
+
+BLOCK_K = 512
+"""Input columns per step of the `x·Aᵀ` loop."""
+
+BLOCK_N = 128
+"""Output columns per program: a 4096-wide layer gives each row 32 programs."""
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _lora_add_kernel(x_ptr, a_ptr, bt_ptr, out_ptr, slot_ptr, scale_ptr, OUT, ROWS_PER_ITEM, SLOT_ROWS,
+                     IN: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # IN is a compile-time constant: a model has two or three layer widths, and a known trip
+    # count lets the compiler unroll and pipeline the loads.
+    row = tl.program_id(0)
+    n_block = tl.program_id(1)
+    slot = tl.load(slot_ptr + row // ROWS_PER_ITEM)
+    live = slot >= 0  # -1: the row uses the base alone; every load and the store are masked off
+    s = tl.maximum(slot, 0)
+    r = tl.arange(0, R_POW2)
+    r_ok = (r < R) & live
+    h = tl.zeros([R_POW2], dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < IN
+        xk = tl.load(x_ptr + row * IN + k, mask=k_ok & live, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + (s * SLOT_ROWS + r)[:, None] * IN + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        h += tl.sum(a.to(tl.float32) * xk[None, :], axis=1)
+    h = h * tl.load(scale_ptr + s)
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < OUT
+    b = tl.load(bt_ptr + (s * R + r)[:, None] * OUT + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    delta = tl.sum(b.to(tl.float32) * h[:, None], axis=0)
+    y = tl.load(out_ptr + row * OUT + n, mask=n_ok & live)
+    tl.store(out_ptr + row * OUT + n, (y.to(tl.float32) + delta).to(y.dtype), mask=n_ok & live)
+
+
+@functools.cache
+def _kernel():
+    """The kernel, compiled on its first launch for each layer width (or interpreted: INTERPRETED)."""
+    return triton.jit(_lora_add_kernel)
+
+
+def lora_add_(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor,
+              scales: torch.Tensor, rank: int, max_rows: int) -> bool:
+    """result[m] += scale_s · (x[m]·A_sᵀ)·Bt_s for every row m whose item's slot s is not -1, in place.
+
+    x: [..., in], result: [..., out], both `rows` rows; A: [slots·R, in], or [slots, R, in] with
+    rows of `in` apart and slots further apart (a layer's view into its input group's stack);
+    Bt: [slots·R, out], slot s owning rows s·R .. s·R + R; `slots`: int64, one per batch item (rows
+    split evenly among them), or one for all; `scales`: float32 per slot. All on one device. False
+    (nothing written) for what this does not take: autograd, strided or mismatched tensors, over
+    `max_rows` rows."""
+    if triton is None or torch.is_grad_enabled():
+        return False
+    if (x.device.type == "cpu") != INTERPRETED:  # the interpreter takes host tensors only
+        return False
+    tensors = (result, x, A, Bt, slots, scales)
+    if any(t.device != x.device for t in tensors) or not all(t.is_contiguous() for t in tensors if t is not A):
+        return False
+    slot_rows = _slot_rows(A, rank)
+    if slot_rows is None:
+        return False
+    if not (x.dtype == result.dtype == A.dtype == Bt.dtype) or slots.dtype != torch.int64 or scales.dtype != torch.float32:
+        return False
+    width, out = A.shape[-1], Bt.shape[1]
+    rows = x.numel() // width
+    if rows > max_rows or rows == 0 or rows % slots.numel() or result.numel() != rows * out:
+        return False
+    grid = (rows, triton.cdiv(out, BLOCK_N))
+    _kernel()[grid](x, A, Bt, result, slots, scales, out, rows // slots.numel(), slot_rows, IN=width, R=rank,
+                             R_POW2=triton.next_power_of_2(rank), BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
+                             num_warps=4)
+    return True
+
+
+def _slot_rows(A: torch.Tensor, rank: int) -> int | None:
+    """Rows of `in` between one slot's first A row and the next's; None for a layout it cannot read."""
+    width = A.shape[-1]
+    if A.dim() == 2:
+        return rank if A.is_contiguous() else None
+    if A.dim() == 3 and A.shape[1] == rank and A.stride(2) == 1 and A.stride(1) == width and A.stride(0) % width == 0:
+        return A.stride(0) // width
+    return None
