@@ -519,12 +519,15 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
     the base at batch 1 beside them for the ratio the batch-1 target names. The kernel keeps h in
     float32 where torch rounds it to bf16, so the tokens may part on random weights: reported, not
     required. `kernel_answers` counts the calls the kernel took and declined (graph replays do not
-    call Python: eager steps and captures only)."""
+    call Python: eager steps and captures only). Then `sweep`: one adapter at batch 1 with each of
+    `KERNEL_SWEEP`'s launch shapes (graphed on a GPU, where launches cost what they do in a
+    server that captures; eager on the CPU), to choose the default from."""
     if not lora_triton.available() or (engine.base.device.type == "cpu" and not lora_triton.INTERPRETED):
         return {"skipped": "needs triton, and a GPU (on the CPU: TRITON_INTERPRET=1 set before triton is imported)"}
     cases = {"torch": {"base_batch1": [None], "adapter_batch1": [entries[0].key], "adapters4_batch4": [e.key for e in entries[:4]]}}
     cases["triton"] = {case: keys for case, keys in cases["torch"].items() if case != "base_batch1"}
-    runs, answers = {}, {True: 0, False: 0}
+    runs, answers, sweep = {}, {True: 0, False: 0}, {}
+    mode = _static_modes(engine.base.device)[-1]
     with engine._lock:
         engine._make_resident(entries[:4])
         router = engine._router
@@ -533,13 +536,20 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
                 router.kernel = kernel
                 router.rebuild(router.keys)
                 if kernel == "triton":
-                    taken = router.lora_add
-                    router.lora_add = lambda *args: _counted(answers, taken(*args))
+                    router.lora_add = lambda *args: _counted(answers, lora_triton.lora_add_(*args))
                 runs[kernel] = _static_runs(engine, cases[kernel], tokens)
+            for config in KERNEL_SWEEP:
+                router.lora_add = functools.partial(lora_triton.lora_add_, config=config)
+                sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"]),
+                                              prompt_ids(engine.base.tokenizer, 1, engine.base.device), tokens,
+                                              graph=mode == "graphed")
         finally:
             router.kernel = engine.lora_kernel
             router.rebuild(router.keys)
     out: dict = {"kernel_answers": {"taken": answers[True], "declined": answers[False]}}
+    default_run = runs["triton"]["adapter_batch1", mode]
+    out["sweep"] = [{**asdict(config), "mode": mode, "adapter_batch1_tokens_per_s": round(run.steps_per_s, 1),
+                     "vs_default": round(run.steps_per_s / default_run.steps_per_s, 3)} for config, run in sweep.items()]
     for kernel, kernel_runs in runs.items():
         out.update({f"{mode}_{case}_{kernel}_tokens_per_s": round(run.steps_per_s * len(cases[kernel][case]), 1)
                     for (case, mode), run in kernel_runs.items()})
@@ -552,6 +562,11 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
         for kernel in runs:
             out[f"{mode}_decode_adapter_vs_base_{kernel}"] = round(runs[kernel]["adapter_batch1", mode].steps_per_s / base, 3)
     return out
+
+
+KERNEL_SWEEP = (lora_triton.KernelConfig(block_k=256), lora_triton.KernelConfig(block_k=1024, num_warps=8),
+                lora_triton.KernelConfig(programs_per_row=16), lora_triton.KernelConfig(programs_per_row=64))
+"""Launch shapes timed beside the Triton kernel's default (`lora_triton.DEFAULT`), one change each."""
 
 
 def _counted(answers: dict, answer: bool) -> bool:

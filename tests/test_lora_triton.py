@@ -63,9 +63,14 @@ CASES = {  # (rows shape, the items' slots): -1 is a row on the base
 }
 
 
+CONFIGS = {"default": lora_triton.DEFAULT,  # one partial step of x·Aᵀ here
+           "small-blocks": lora_triton.KernelConfig(block_k=64, programs_per_row=2, num_warps=2)}  # four steps
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_float64_reference(case, dtype, tolerance):
+def test_matches_float64_reference(case, dtype, tolerance, config):
     # rank 6 pads to 8 lanes; widths off every block size leave partial blocks in both loops
     (batch, seq), item_slots = CASES[case]
     rank, width, out = 6, 200, 300
@@ -76,7 +81,7 @@ def test_matches_float64_reference(case, dtype, tolerance):
     want = reference(result, x, lambda s: A[s * rank : (s + 1) * rank], Bt, slots, scales, rank)
     got = result.clone()
     with torch.no_grad():
-        assert lora_triton.lora_add_(got, x, A, Bt, slots, scales, rank, max_rows=4)
+        assert lora_triton.lora_add_(got, x, A, Bt, slots, scales, rank, max_rows=4, config=CONFIGS[config])
     assert relative_error(got, want) < tolerance
     per_item = batch * seq // len(item_slots)
     for item, slot in enumerate(item_slots):  # base rows: not a bit changed

@@ -2,9 +2,10 @@
 
 On a GPU a decode step at batch 1 is set by how many kernels it launches and how long each tiny
 one takes, not by arithmetic. The torch path costs each adapted layer a matrix product `x·Aᵀ`
-that cuBLAS splits over the input width (two kernels for a [1, 4096]·[4096, 16] product) and an
-`addmm_` for `h·Bᵀ`: bench-gpu on an H100 (8B shape) measured about 9.6 µs per layer, 2.1 ms of
-a 9.2 ms graphed step. Here one kernel does both products for every row:
+that cuBLAS splits over the input width (two kernels for a [1, 4096]·[4096, 16] product, in the
+H100 profile) and an `addmm_` for `h·Bᵀ`. On that H100 (8B shape) a graphed batch-1 step took
+9.2 ms with one adapter against the base's 7.0 ms: about 9.6 µs for each of the 224 adapted
+layers. Here one kernel does both products for every row:
 
     program (row, n-block):  h = scale_s · x_row·A_sᵀ  (all R ranks, fp32 accumulation)
                              out[row, n-block] += h·Bᵀ_s[:, n-block]
@@ -21,13 +22,15 @@ runs it on CPU tensors instead (how the tests check it on a machine without a GP
 tensors are declined.
 
 The block sizes are first guesses, not tuned: bench-gpu times this kernel against the torch
-path (`lora_kernel` in its results) on the next GPU run.
+path (`lora_kernel` in its results), and a few `KernelConfig`s against each other, on the next
+GPU run.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -44,11 +47,24 @@ functions, `tl.sum` among them, are made one way or the other then): read here a
 MAX_ROWS = 4
 """Rows (batch items × tokens) above which the torch products are used: every row rereads its A block."""
 
-BLOCK_K = 512
-"""Input columns per step of the `x·Aᵀ` loop."""
 
-BLOCK_N = 128
-"""Output columns per program: a 4096-wide layer gives each row 32 programs."""
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shape. Each program reads its row's whole A block (R × in) and one block of B, so
+    more programs per row spread the B reads and the output over more SMs but multiply the A
+    reads from L2; `programs_per_row` sets the balance, and BLOCK_N follows from the layer width."""
+
+    block_k: int = 512
+    """Input columns per step of the `x·Aᵀ` loop."""
+    programs_per_row: int = 32
+    """About how many output blocks a row's layer is cut into (BLOCK_N: a power of two, 64 to 512)."""
+    num_warps: int = 4
+
+    def block_n(self, out: int) -> int:
+        return min(512, max(64, triton.next_power_of_2(triton.cdiv(out, self.programs_per_row))))
+
+
+DEFAULT = KernelConfig()
 
 
 def available() -> bool:
@@ -90,7 +106,7 @@ def _kernel():
 
 
 def lora_add_(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor,
-              scales: torch.Tensor, rank: int, max_rows: int) -> bool:
+              scales: torch.Tensor, rank: int, max_rows: int, config: KernelConfig = DEFAULT) -> bool:
     """result[m] += scale_s · (x[m]·A_sᵀ)·Bt_s for every row m whose item's slot s is not -1, in place.
 
     x: [..., in], result: [..., out], both `rows` rows; A: [slots·R, in], or [slots, R, in] with
@@ -115,10 +131,10 @@ def lora_add_(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.
     rows = x.numel() // width
     if rows > max_rows or rows == 0 or rows % slots.numel() or result.numel() != rows * out:
         return False
-    grid = (rows, triton.cdiv(out, BLOCK_N))
-    _kernel()[grid](x, A, Bt, result, slots, scales, out, rows // slots.numel(), slot_rows, IN=width, R=rank,
-                             R_POW2=triton.next_power_of_2(rank), BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
-                             num_warps=4)
+    block_n = config.block_n(out)
+    _kernel()[(rows, triton.cdiv(out, block_n))](
+        x, A, Bt, result, slots, scales, out, rows // slots.numel(), slot_rows, IN=width, R=rank,
+        R_POW2=triton.next_power_of_2(rank), BLOCK_K=config.block_k, BLOCK_N=block_n, num_warps=config.num_warps)
     return True
 
 
