@@ -521,7 +521,8 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
     required. `kernel_answers` counts the calls the kernel took and declined (graph replays do not
     call Python: eager steps and captures only). Then `sweep`: one adapter at batch 1 with each of
     `KERNEL_SWEEP`'s launch shapes (graphed on a GPU, where launches cost what they do in a
-    server that captures; eager on the CPU), to choose the default from."""
+    server that captures; on the CPU, interpreted, one timed step each: the code path, no more),
+    to choose the default from."""
     if not lora_triton.available() or (engine.base.device.type == "cpu" and not lora_triton.INTERPRETED):
         return {"skipped": "needs triton, and a GPU (on the CPU: TRITON_INTERPRET=1 set before triton is imported)"}
     cases = {"torch": {"base_batch1": [None], "adapter_batch1": [entries[0].key], "adapters4_batch4": [e.key for e in entries[:4]]}}
@@ -541,8 +542,8 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
             for config in KERNEL_SWEEP:
                 router.lora_add = functools.partial(lora_triton.lora_add_, config=config)
                 sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"]),
-                                              prompt_ids(engine.base.tokenizer, 1, engine.base.device), tokens,
-                                              graph=mode == "graphed")
+                                              prompt_ids(engine.base.tokenizer, 1, engine.base.device),
+                                              tokens if mode == "graphed" else 4, graph=mode == "graphed")
         finally:
             router.kernel = engine.lora_kernel
             router.rebuild(router.keys)
