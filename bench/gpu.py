@@ -17,6 +17,7 @@ Writes bench/results/gpu-<gpu name>.json (cpu-tiny.json for SIZE=tiny) and print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import inspect
@@ -523,7 +524,7 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
     `KERNEL_SWEEP`'s launch shapes (graphed on a GPU, where launches cost what they do in a
     server that captures; on the CPU, interpreted, one timed step each: the code path, no more),
     to choose the default from."""
-    if not lora_triton.available() or (engine.base.device.type == "cpu" and not lora_triton.INTERPRETED):
+    if not triton_runs_here(engine):
         return {"skipped": "needs triton, and a GPU (on the CPU: TRITON_INTERPRET=1 set before triton is imported)"}
     cases = {"torch": {"base_batch1": [None], "adapter_batch1": [entries[0].key], "adapters4_batch4": [e.key for e in entries[:4]]}}
     cases["triton"] = {case: keys for case, keys in cases["torch"].items() if case != "base_batch1"}
@@ -532,21 +533,17 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
     with engine._lock:
         engine._make_resident(entries[:4])
         router = engine._router
-        try:
-            for kernel in ("torch", "triton"):
-                router.kernel = kernel
-                router.rebuild(router.keys)
+        for kernel in ("torch", "triton"):
+            with _router_kernel(engine, kernel):
                 if kernel == "triton":
                     router.lora_add = lambda *args: _counted(answers, lora_triton.lora_add_(*args))
                 runs[kernel] = _static_runs(engine, cases[kernel], tokens)
+        with _router_kernel(engine, "triton"):
             for config in KERNEL_SWEEP:
                 router.lora_add = functools.partial(lora_triton.lora_add_, config=config)
                 sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"]),
                                               prompt_ids(engine.base.tokenizer, 1, engine.base.device),
                                               tokens if mode == "graphed" else 4, graph=mode == "graphed")
-        finally:
-            router.kernel = engine.lora_kernel
-            router.rebuild(router.keys)
     out: dict = {"kernel_answers": {"taken": answers[True], "declined": answers[False]}}
     default_run = runs["triton"]["adapter_batch1", mode]
     out["sweep"] = [{**asdict(config), "mode": mode, "adapter_batch1_tokens_per_s": round(run.steps_per_s, 1),
@@ -570,6 +567,25 @@ KERNEL_SWEEP = (lora_triton.KernelConfig(block_k=256), lora_triton.KernelConfig(
 """Launch shapes timed beside the Triton kernel's default (`lora_triton.DEFAULT`), one change each."""
 
 
+def triton_runs_here(engine: Engine) -> bool:
+    return lora_triton.available() and (engine.base.device.type == "cuda" or lora_triton.INTERPRETED)
+
+
+@contextlib.contextmanager
+def _router_kernel(engine: Engine, kernel: str):
+    """The engine's router restacked to add its deltas with `kernel` (`serve.routing.KERNELS`),
+    and restacked with the engine's own choice afterwards. The router must exist, and nothing
+    else may use the engine meanwhile: the caller holds its lock, or runs no decode loop on it."""
+    router = engine._router
+    router.kernel = kernel
+    router.rebuild(router.keys)
+    try:
+        yield router
+    finally:
+        router.kernel = engine.lora_kernel
+        router.rebuild(router.keys)
+
+
 def _counted(answers: dict, answer: bool) -> bool:
     answers[bool(answer)] += 1
     return answer
@@ -579,7 +595,8 @@ def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
     """The engine with the static decode cache (`serve/slots.py`): on a GPU each batch bucket's step
     is captured once and replayed (the warm run captures; the timed run replays), on the CPU the
     same steps run eagerly. The same mixes as the eager engine, and one request alone on the base
-    and on one adapter (prefill included, both alike)."""
+    and on one adapter (prefill included, both alike); that one also with the Triton LoRA kernel
+    where it can run."""
     decode, graphs = DecodeSettings(static_cache=True, context=256), {}
     mixes = {"base_only": ["base"], "1_adapters": names[:1], "4_adapters": names[:4], "16_adapters": names[:16]}
     out = {f"engine_static_{label}_tokens_per_s": round(engine_throughput(
@@ -588,6 +605,12 @@ def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
     for label, adapters in (("base", ["base"]), ("adapter", names[:1])):
         out[f"engine_static_batch1_{label}_tokens_per_s"] = round(engine_throughput(
             engine, chat_requests(adapters, 1, plan.new_tokens), decode=decode, graphs=graphs), 2)
+    if triton_runs_here(engine):  # the server as `--cuda-graphs --lora-kernel triton` runs it
+        with _router_kernel(engine, "triton"):
+            out["engine_static_batch1_adapter_triton_tokens_per_s"] = round(engine_throughput(
+                engine, chat_requests(names[:1], 1, plan.new_tokens), decode=decode, graphs=graphs), 2)
+        out["static_batch1_adapter_vs_base_triton"] = round(out["engine_static_batch1_adapter_triton_tokens_per_s"]
+                                                            / out["engine_static_batch1_base_tokens_per_s"], 3)
     out["graph_captures"], out["graph_error"] = graphs["captures"], graphs["error"]
     base_only = out["engine_static_base_only_tokens_per_s"]
     for k in (1, 4, 16):
