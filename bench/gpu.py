@@ -562,9 +562,11 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
     return out
 
 
-KERNEL_SWEEP = (lora_triton.KernelConfig(block_k=256), lora_triton.KernelConfig(block_k=1024, num_warps=8),
-                lora_triton.KernelConfig(programs_per_row=16), lora_triton.KernelConfig(programs_per_row=64))
-"""Launch shapes timed beside the Triton kernel's default (`lora_triton.DEFAULT`), one change each."""
+KERNEL_SWEEP = (lora_triton.KernelConfig(block_k=512, num_warps=4), lora_triton.KernelConfig(block_k=1024, num_warps=8),
+                lora_triton.KernelConfig(block_k=2048), lora_triton.KernelConfig(programs_per_row=16),
+                lora_triton.KernelConfig(programs_per_row=64))
+"""Launch shapes timed beside the Triton kernel's default (`lora_triton.DEFAULT`): narrower steps
+of the `x·Aᵀ` loop with fewer warps, and fewer or more programs per row."""
 
 
 def triton_runs_here(engine: Engine) -> bool:

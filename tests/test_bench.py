@@ -51,7 +51,7 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     assert "error" not in kernel and kernel["kernel_answers"]["taken"] > 0 and kernel["kernel_answers"]["declined"] > 0
     for case in ("adapter_batch1", "adapters4_batch4"):
         assert kernel[f"eager_{case}_triton_tokens_per_s"] > 0 and kernel[f"eager_{case}_torch_tokens_per_s"] > 0
-    assert len(kernel["sweep"]) == 4 and all(run["adapter_batch1_tokens_per_s"] > 0 for run in kernel["sweep"])
+    assert len(kernel["sweep"]) == 5 and all(run["adapter_batch1_tokens_per_s"] > 0 for run in kernel["sweep"])
     # The engine on the static decode cache served every mix (eagerly: nothing captured on the CPU).
     engine_static = serving["static_engine"]
     assert "error" not in engine_static and engine_static["graph_captures"] == 0 and engine_static["graph_error"] is None

@@ -21,9 +21,9 @@ tensors. When TRITON_INTERPRET=1 was set before triton was first imported, Trito
 runs it on CPU tensors instead (how the tests check it on a machine without a GPU); otherwise CPU
 tensors are declined.
 
-The block sizes are first guesses, not tuned: bench-gpu times this kernel against the torch
-path (`lora_kernel` in its results), and a few `KernelConfig`s against each other, on the next
-GPU run.
+The launch shape (`KernelConfig`) is chosen by reasoning and ptxas's register report for sm_90,
+not by timing, which needs a GPU: bench-gpu times this kernel against the torch path
+(`lora_kernel` in its results), and a few `KernelConfig`s against each other, on the next GPU run.
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ class KernelConfig:
     more programs per row spread the B reads and the output over more SMs but multiply the A
     reads from L2; `programs_per_row` sets the balance, and BLOCK_N follows from the layer width."""
 
-    block_k: int = 512
-    """Input columns per step of the `x·Aᵀ` loop."""
+    block_k: int = 4096
+    """Input columns per step of the `x·Aᵀ` loop. Each step waits one trip to L2 and back, and
+    there are only a few dozen programs to hide it behind, so few wide steps: a 4096-wide layer's
+    whole A block in one (16 warps hold it in about 50 registers a thread, per ptxas for sm_90)."""
     programs_per_row: int = 32
     """About how many output blocks a row's layer is cut into (BLOCK_N: a power of two, 64 to 512)."""
-    num_warps: int = 4
+    num_warps: int = 16
 
     def block_n(self, out: int) -> int:
         return min(512, max(64, triton.next_power_of_2(triton.cdiv(out, self.programs_per_row))))
