@@ -56,7 +56,7 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     engine_static = serving["static_engine"]
     assert "error" not in engine_static and engine_static["graph_captures"] == 0 and engine_static["graph_error"] is None
     assert all(engine_static[f"engine_static_{k}_adapters_tokens_per_s"] > 0 for k in (1, 4, 16))
-    assert engine_static["engine_static_batch1_adapter_triton_tokens_per_s"] > 0
+    assert engine_static["triton"]["engine_static_batch1_adapter_tokens_per_s"] > 0
     for key in ("decode_base_tokens_per_s", "decode_adapter_tokens_per_s", "engine_base_only_tokens_per_s",
                 "engine_1_adapters_tokens_per_s", "engine_16_adapters_tokens_per_s", "engine_16_adapters_cold_tokens_per_s",
                 "set_adapter_16_adapters_tokens_per_s"):
