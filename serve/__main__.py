@@ -7,6 +7,7 @@ import logging
 import sys
 
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
+from adapters.base import resolve_device
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
 from serve.routing import KERNELS, LoraRouter
@@ -69,8 +70,8 @@ def cmd_web(args) -> int:
     from serve.slots import DecodeSettings
 
     access = access_from(args)  # bad --auth entries fail before the base loads
-    try:
-        LoraRouter.check_kernel(args.lora_kernel)  # so does a kernel this machine cannot run
+    try:  # so does a kernel this machine cannot run, on the device the base will load to
+        LoraRouter.check_kernel(args.lora_kernel, resolve_device(BaseConfig(args.base).device))
     except ValueError as err:
         print(f"error: --lora-kernel: {err}", file=sys.stderr)
         return 2

@@ -123,7 +123,7 @@ class Engine:
 
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, max_loaded: int = 8, limits: ServeLimits = ServeLimits(),
                  lora_kernel: str = "auto"):
-        LoraRouter.check_kernel(lora_kernel)  # a bad choice fails here, not at the first adapter request
+        LoraRouter.check_kernel(lora_kernel, base.device)  # a bad choice fails here, not at the first adapter request
         self.base, self.registry, self.limits = base, registry, limits
         self.lora_kernel = lora_kernel
         """Which fused kernel adds the routed LoRA delta where it applies (`serve.routing.KERNELS`)."""

@@ -228,12 +228,16 @@ class LoraRouter:
         """With `fix_masks`: per scale vector, a [rows, 1, slots·R] buffer the row masks are written into."""
 
     @staticmethod
-    def check_kernel(kernel: str) -> None:
-        """Raise ValueError, naming the choice, for a kernel that is unknown or cannot run here."""
+    def check_kernel(kernel: str, device: torch.device | None = None) -> None:
+        """Raise ValueError, naming the choice, for a kernel that is unknown or cannot run here (on
+        `device`, where the base's layers are, when given)."""
         if kernel not in KERNELS:
             raise ValueError(f"LoRA kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
         if kernel == "triton" and not lora_triton.available():
             raise ValueError("LoRA kernel 'triton': the triton package is not installed (pip install triton)")
+        if kernel == "triton" and device is not None and device.type != "cuda" and not lora_triton.INTERPRETED:
+            # it would decline every step, and the CPU's own fused kernel ('auto') would be lost too
+            raise ValueError(f"LoRA kernel 'triton' runs on a CUDA device; the base is on {device.type} (use 'auto')")
 
     def layers(self) -> list[LoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -318,5 +319,19 @@ def test_a_kernel_choice_is_checked_before_anything_loads(monkeypatch):
     with pytest.raises(ValueError, match="triton package is not installed"):
         routing.LoraRouter.check_kernel("triton")
     with pytest.raises(ValueError, match="triton package is not installed"):
-        Engine(None, None, lora_kernel="triton")  # refused before the engine touches its base
+        Engine(SimpleNamespace(device=torch.device("cpu")), None, lora_kernel="triton")  # before any loading
     routing.LoraRouter.check_kernel("torch")
+    monkeypatch.undo()
+    monkeypatch.setattr(lora_triton, "INTERPRETED", False)  # compiled: CUDA tensors only
+    with pytest.raises(ValueError, match="runs on a CUDA device; the base is on cpu"):
+        routing.LoraRouter.check_kernel("triton", torch.device("cpu"))
+    routing.LoraRouter.check_kernel("triton", torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the base would load to a GPU, where the kernel runs")
+def test_the_server_refuses_a_kernel_its_device_cannot_run_before_loading(monkeypatch, capsys):
+    from serve.__main__ import main as serve_main
+
+    monkeypatch.setattr(lora_triton, "INTERPRETED", False)
+    assert serve_main(["--base", "no/such/base", "web", "--lora-kernel", "triton"]) == 2  # the base is never read
+    assert "--lora-kernel: LoRA kernel 'triton' runs on a CUDA device" in capsys.readouterr().err
