@@ -7,6 +7,7 @@
 #   SIZES=8b PROFILE=1 bash bench/on_gpu_machine.sh
 #   SIZES=8b SKIP="static_cache_decode shared_inputs" bash bench/on_gpu_machine.sh   fewer experiments
 #   TESTS=1 bash bench/on_gpu_machine.sh      also the test suite, on the GPU, first
+#   TESTS=tests/test_lora_triton.py bash ...  only those test files first (the Triton kernel compiled on the GPU)
 # Results go to $OUT (or bench/results/): gpu.json, gpu.log, gpu-profile.txt, tests.log.
 set -o pipefail
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -21,7 +22,8 @@ mkdir -p "$out"
 python3 -c "import torch, bitsandbytes, peft, transformers; assert torch.cuda.is_available(), 'no GPU'; print(torch.cuda.get_device_name(), torch.__version__, bitsandbytes.__version__, peft.__version__, transformers.__version__)" || exit 1
 if [ -n "$TESTS" ]; then
     # gradio and a browser are not on such machines: the live-server and browser tests are left out.
+    [ "$TESTS" = 1 ] && TESTS=tests
     timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_server.py \
-        --ignore=tests/test_browser.py tests 2>&1 | tee "$out/tests.log"
+        --ignore=tests/test_browser.py $TESTS 2>&1 | tee "$out/tests.log"
 fi
 timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.gpu --sizes ${SIZES:-8b 1b} --out "$out/gpu.json" ${SKIP:+--skip $SKIP} ${PROFILE:+--profile} 2>&1 | tee "$out/gpu.log"
