@@ -129,6 +129,8 @@ def test_declines_what_it_does_not_take(monkeypatch):
         assert declined(result, x.bfloat16(), *args, 4)  # dtypes differ
         assert declined(result, x.repeat(1, 1, 2)[..., :width], *args, 4)  # strided rows
         assert declined(result, x, A, Bt, slots.int(), scales, rank, 4)  # int32 slots
+        assert declined(result, x, A, Bt, slots[:0], scales, rank, 4)  # no items
+        assert declined(result, x.view(2, 1, 2 * width), *args, 4)  # rows of another width
         assert declined(result, x, A.t().contiguous().t(), Bt, slots, scales, rank, 4)  # A column-major
         assert declined(result, x, A, Bt, slots.to("meta"), scales, rank, 4)  # tensors on two devices
         monkeypatch.setattr(lora_triton, "INTERPRETED", not lora_triton.INTERPRETED)  # the other kind of tensor

@@ -76,8 +76,8 @@ def available() -> bool:
 def _lora_add_kernel(x_ptr, a_ptr, bt_ptr, out_ptr, slot_ptr, scale_ptr, OUT, ROWS_PER_ITEM, SLOT_ROWS,
                      IN: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    # IN is a compile-time constant: a model has two or three layer widths, and a known trip
-    # count lets the compiler unroll and pipeline the loads.
+    # IN is a compile-time constant: a model has two or three layer widths (a compile each), and
+    # Triton's interpreter cannot loop to a run-time bound under numpy 2.
     row = tl.program_id(0)
     n_block = tl.program_id(1)
     slot = tl.load(slot_ptr + row // ROWS_PER_ITEM)
@@ -130,6 +130,8 @@ def lora_add_(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.
     if not (x.dtype == result.dtype == A.dtype == Bt.dtype) or slots.dtype != torch.int64 or scales.dtype != torch.float32:
         return False
     width, out = A.shape[-1], Bt.shape[1]
+    if x.shape[-1] != width or result.shape[-1] != out or slots.numel() == 0:
+        return False
     rows = x.numel() // width
     if rows > max_rows or rows == 0 or rows % slots.numel() or result.numel() != rows * out:
         return False
