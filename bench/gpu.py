@@ -491,16 +491,10 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
     runs = {}
     with engine._lock:
         engine._make_resident(entries[:16])
-        router = engine._router
-        try:
-            for shared in (True, False):
-                router.group_inputs = shared
-                router.rebuild(router.keys)
+        for shared in (True, False):
+            with _restacked(engine, group_inputs=shared) as router:
                 router.lora_add = None  # both ways on the torch paths a GPU runs (the CPU kernel takes no groups)
                 runs[shared] = _static_runs(engine, cases, tokens)
-        finally:
-            router.group_inputs = None
-            router.rebuild(router.keys)
     out = {}
     for shared, label in ((True, "shared_inputs"), (False, "per_layer")):
         out.update({f"{mode}_{case}_{label}_tokens_per_s": round(run.steps_per_s * len(cases[case]), 1)
@@ -534,11 +528,11 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
         engine._make_resident(entries[:4])
         router = engine._router
         for kernel in ("torch", "triton"):
-            with _router_kernel(engine, kernel):
+            with _restacked(engine, kernel=kernel):
                 if kernel == "triton":
                     router.lora_add = lambda *args: _counted(answers, lora_triton.lora_add_(*args))
                 runs[kernel] = _static_runs(engine, cases[kernel], tokens)
-        with _router_kernel(engine, "triton"):
+        with _restacked(engine, kernel="triton"):
             for config in KERNEL_SWEEP:
                 router.lora_add = functools.partial(lora_triton.lora_add_, config=config)
                 sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"]),
@@ -574,17 +568,20 @@ def triton_runs_here(engine: Engine) -> bool:
 
 
 @contextlib.contextmanager
-def _router_kernel(engine: Engine, kernel: str):
-    """The engine's router restacked to add its deltas with `kernel` (`serve.routing.KERNELS`),
-    and restacked with the engine's own choice afterwards. The router must exist, and nothing
-    else may use the engine meanwhile: the caller holds its lock, or runs no decode loop on it."""
+def _restacked(engine: Engine, **settings):
+    """The engine's router with `settings` (its `kernel`, `group_inputs`) restacked, and restacked
+    as it was afterwards. The router must exist, and nothing else may use the engine meanwhile:
+    the caller holds its lock, or runs no decode loop on it."""
     router = engine._router
-    router.kernel = kernel
-    router.rebuild(router.keys)
+    before = {name: getattr(router, name) for name in settings}
     try:
+        for name, value in settings.items():
+            setattr(router, name, value)
+        router.rebuild(router.keys)
         yield router
     finally:
-        router.kernel = engine.lora_kernel
+        for name, value in before.items():
+            setattr(router, name, value)
         router.rebuild(router.keys)
 
 
@@ -623,7 +620,7 @@ def _static_batch1_triton(engine: Engine, name: str, plan: Plan, decode: DecodeS
                           base_tokens_per_s: float) -> dict:
     """One request on one adapter through the static engine with the Triton LoRA kernel: the
     server as `--cuda-graphs --lora-kernel triton` runs it."""
-    with _router_kernel(engine, "triton"):
+    with _restacked(engine, kernel="triton"):
         rate = engine_throughput(engine, chat_requests([name], 1, plan.new_tokens), decode=decode, graphs=graphs)
     return {"engine_static_batch1_adapter_tokens_per_s": round(rate, 2),
             "static_batch1_adapter_vs_base": round(rate / base_tokens_per_s, 3)}
