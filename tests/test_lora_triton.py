@@ -97,6 +97,14 @@ def test_matches_float64_reference(case, dtype, tolerance, config):
             assert not torch.equal(got.view(-1, out)[rows], result.view(-1, out)[rows])
 
 
+def test_launch_arithmetic_matches_tritons_own():
+    import triton
+
+    for n in range(1, 20000, 7):
+        assert lora_triton._next_power_of_2(n) == triton.next_power_of_2(n)
+        assert all(lora_triton._cdiv(n, d) == triton.cdiv(n, d) for d in (1, 3, 16, 64, 128, 512))
+
+
 def test_reads_a_layer_view_into_a_group_stack():
     # An input group's stack is [slots, members, R, in]; member 1 of 3 reads every third block.
     slots, members, rank, width, out = 3, 3, 4, 96, 130

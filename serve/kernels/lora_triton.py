@@ -63,7 +63,17 @@ class KernelConfig:
     num_warps: int = 16
 
     def block_n(self, out: int) -> int:
-        return min(512, max(64, triton.next_power_of_2(triton.cdiv(out, self.programs_per_row))))
+        return min(512, max(64, _next_power_of_2(_cdiv(out, self.programs_per_row))))
+
+
+# Plain arithmetic, not triton.cdiv / triton.next_power_of_2: those take about 2 µs a call (they
+# are wrapped for use inside kernels too), and a decode step calls this per adapted layer.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 DEFAULT = KernelConfig()
@@ -136,9 +146,9 @@ def lora_add_(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.
     if rows > max_rows or rows == 0 or rows % slots.numel() or result.numel() != rows * out:
         return False
     block_n = config.block_n(out)
-    _kernel()[(rows, triton.cdiv(out, block_n))](
+    _kernel()[(rows, _cdiv(out, block_n))](
         x, A, Bt, result, slots, scales, out, rows // slots.numel(), slot_rows, IN=width, R=rank,
-        R_POW2=triton.next_power_of_2(rank), BLOCK_K=config.block_k, BLOCK_N=block_n, num_warps=config.num_warps)
+        R_POW2=_next_power_of_2(rank), BLOCK_K=config.block_k, BLOCK_N=block_n, num_warps=config.num_warps)
     return True
 
 
