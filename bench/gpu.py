@@ -17,7 +17,6 @@ Writes bench/results/gpu-<gpu name>.json (cpu-tiny.json for SIZE=tiny) and print
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import inspect
@@ -492,7 +491,7 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
     with engine._lock:
         engine._make_resident(entries[:16])
         for shared in (True, False):
-            with _restacked(engine, group_inputs=shared) as router:
+            with engine._router.restacked(group_inputs=shared) as router:
                 router.lora_add = None  # both ways on the torch paths a GPU runs (the CPU kernel takes no groups)
                 runs[shared] = _static_runs(engine, cases, tokens)
     out = {}
@@ -528,11 +527,11 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
         engine._make_resident(entries[:4])
         router = engine._router
         for kernel in ("torch", "triton"):
-            with _restacked(engine, kernel=kernel):
+            with router.restacked(kernel=kernel):
                 if kernel == "triton":
                     router.lora_add = lambda *args: _counted(answers, lora_triton.lora_add_(*args))
                 runs[kernel] = _static_runs(engine, cases[kernel], tokens)
-        with _restacked(engine, kernel="triton"):
+        with router.restacked(kernel="triton"):
             for config in KERNEL_SWEEP:
                 router.lora_add = functools.partial(lora_triton.lora_add_, config=config)
                 sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"]),
@@ -565,24 +564,6 @@ of the `x·Aᵀ` loop with fewer warps, and fewer or more programs per row."""
 
 def triton_runs_here(engine: Engine) -> bool:
     return lora_triton.available() and (engine.base.device.type == "cuda" or lora_triton.INTERPRETED)
-
-
-@contextlib.contextmanager
-def _restacked(engine: Engine, **settings):
-    """The engine's router with `settings` (its `kernel`, `group_inputs`) restacked, and restacked
-    as it was afterwards. The router must exist, and nothing else may use the engine meanwhile:
-    the caller holds its lock, or runs no decode loop on it."""
-    router = engine._router
-    before = {name: getattr(router, name) for name in settings}
-    try:
-        for name, value in settings.items():
-            setattr(router, name, value)
-        router.rebuild(router.keys)
-        yield router
-    finally:
-        for name, value in before.items():
-            setattr(router, name, value)
-        router.rebuild(router.keys)
 
 
 def _counted(answers: dict, answer: bool) -> bool:
@@ -620,7 +601,7 @@ def _static_batch1_triton(engine: Engine, name: str, plan: Plan, decode: DecodeS
                           base_tokens_per_s: float) -> dict:
     """One request on one adapter through the static engine with the Triton LoRA kernel: the
     server as `--cuda-graphs --lora-kernel triton` runs it."""
-    with _restacked(engine, kernel="triton"):
+    with engine._router.restacked(kernel="triton"):  # no decode loop runs on it in between
         rate = engine_throughput(engine, chat_requests([name], 1, plan.new_tokens), decode=decode, graphs=graphs)
     return {"engine_static_batch1_adapter_tokens_per_s": round(rate, 2),
             "static_batch1_adapter_vs_base": round(rate / base_tokens_per_s, 3)}

@@ -30,6 +30,7 @@ embedding LoRA, modules_to_save).
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -262,6 +263,22 @@ class LoraRouter:
             layer._stacks = self._stack(layer, *place.get(id(layer), (None, 0)))
         self.single, self._slots, self._masks, self._groups = BASE, [], None, None
         self._allocate_fixed()
+
+    @contextmanager
+    def restacked(self, **settings):
+        """The router with `settings` (its `kernel`, `group_inputs`) for a while: restacked with
+        them, then with what it had. For comparing paths on one model (bench-gpu, the tests);
+        nothing else may route through it meanwhile."""
+        before = {name: getattr(self, name) for name in settings}
+        try:
+            for name, value in settings.items():
+                setattr(self, name, value)
+            self.rebuild(self.keys)
+            yield self
+        finally:
+            for name, value in before.items():
+                setattr(self, name, value)
+            self.rebuild(self.keys)
 
     def _pick_kernel(self) -> bool:
         """Set `lora_add` and `kernel_rows` for the stacks about to be built (on `_device`, in

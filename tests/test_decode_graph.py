@@ -47,18 +47,13 @@ def test_static_cache_steps_give_generates_tokens(engine, case):
 @pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared-inputs"])
 @pytest.mark.parametrize("case", ROWS)
 def test_a_decode_step_reads_nothing_back_to_the_host(engine, case, shared):
-    router = engine._router
-    router.group_inputs = shared  # with True, q/k/v and gate/up share their products, as on a GPU
-    router.rebuild(router.keys)
-    try:
+    # with True, q/k/v and gate/up share their products, as on a GPU
+    with engine._router.restacked(group_inputs=shared) as router:
         state = StaticDecode.prefill(rows_model(engine, ROWS[case]), prompt(engine), 4)
         router.lora_add = None  # the torch ops a GPU runs, not the CPU kernel
         with HostSyncs() as reads:
             state.step()
         assert reads.seen == []
-    finally:
-        router.group_inputs = None
-        router.rebuild(router.keys)
     # The detector is live: a value read inside it is caught.
     with HostSyncs() as reads:
         bool(state.slots.positions.sum() > 0)

@@ -78,25 +78,10 @@ def batch(engine: Engine, n: int):
 ROWS = [["a", "small", "base", "b", "a"], ["small"] * 3, ["base", "base"]]
 
 
-@contextmanager
-def restacked(router, **settings):
-    """The router with `settings` (its `kernel`, `group_inputs`) restacked; restacked as it was
-    afterwards (the engine is shared by the module's tests)."""
-    before = {name: getattr(router, name) for name in settings}
-    try:
-        for name, value in settings.items():
-            setattr(router, name, value)
-        router.rebuild(router.keys)
-        yield router
-    finally:
-        for name, value in before.items():
-            setattr(router, name, value)
-        router.rebuild(router.keys)
-
-
 def shared_inputs(router):
-    """q/k/v and gate/up sharing one A stack (`InputGroup`), as on a GPU; the CPU's kernel is off for it."""
-    return restacked(router, group_inputs=True)
+    """q/k/v and gate/up sharing one A stack (`InputGroup`), as on a GPU; the CPU's kernel is off
+    for it. Restacked as before afterwards (the engine is shared by the module's tests)."""
+    return router.restacked(group_inputs=True)
 
 
 @pytest.mark.parametrize("names", ROWS, ids=["mixed", "one-adapter", "base-only"])
@@ -127,7 +112,7 @@ def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeyp
 def triton_kernel(router, shared: bool):
     """The router restacked to add its deltas with the Triton kernel (interpreted here), with or
     without input groups. Yields the kernel's answers, one per call."""
-    with restacked(router, kernel="triton", group_inputs=shared):
+    with router.restacked(kernel="triton", group_inputs=shared):
         answers, kernel = [], router.lora_add
         router.lora_add = lambda *args: answers.append(kernel(*args)) or answers[-1]
         yield answers
