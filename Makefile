@@ -21,7 +21,7 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
+.PHONY: FORCE setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
 
 help:
 	@echo "make demo            set up, build the demo base and adapters if missing, start the server"
@@ -52,8 +52,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-$(BASE)/config.json: | setup
+# Always asked: demo.base builds the base when missing, rebuilds a demo base trained on an older
+# general mix, and otherwise leaves the folder as it is (a real model's folder is never touched).
+$(BASE)/config.json: FORCE | setup
 	$(PY) -m demo.base --out $(BASE)
+
+FORCE:
 
 base: setup
 	$(PY) -m demo.base --out $(BASE)
@@ -63,7 +67,8 @@ data/%/train.jsonl: | setup
 
 data: data/uppercase/train.jsonl
 
-$(ADAPTERS_DIR)/%/card.json: | $(BASE)/config.json data/uppercase/train.jsonl
+# A rebuilt base (a newer config.json) retrains the demo adapters; the store keeps the old version.
+$(ADAPTERS_DIR)/%/card.json: $(BASE)/config.json | data/uppercase/train.jsonl
 	$(PY) -m train --config configs/demo-adapter.yaml --name $* --base $(BASE) \
 		--data data/$*/train.jsonl --eval-data data/$*/eval.jsonl --adapters $(ADAPTERS_DIR) $(DEMO_ARGS_$*)
 

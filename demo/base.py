@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, get_scheduler, set_seed
 
 from adapters.chat import FALLBACK_CHAT_TEMPLATE, Message, encode_chat
-from demo.tasks import GENERAL, TASKS, example
+from demo.tasks import GENERAL, GENERAL_MIX_VERSION, TASKS, Task, example
 from train.data import IGNORE_INDEX, Tokenized, collate, length_grouped_batches
 from train.evaluate import exact_match, token_loss_sum
 
@@ -108,6 +108,36 @@ def chat_examples(tokenizer, config: DemoBaseConfig) -> list[Tokenized]:
     return items
 
 
+def reply_tokens(tokenizer, task: Task, n: int, seed: int) -> set[int]:
+    """Token ids an assistant reply of `task` is trained on, over n generated examples."""
+    rng = random.Random(seed)
+    ids = set()
+    for _ in range(n):
+        tokens, mask = encode_chat(tokenizer, [Message(**m) for m in example(task, rng)["messages"]])
+        ids.update(t for t, m in zip(tokens, mask) if m)
+    return ids
+
+
+def check_reply_coverage(tokenizer, items: list[Tokenized], n_per_task: int = 300, seed: int = 7) -> None:
+    """Refuse a mix that never outputs a token some adapter task answers with.
+
+    Pretraining only ever lowers the output-head row of a token that is never a target, and it
+    lowers all such rows along one shared direction; an adapter on the decoder blocks then cannot
+    lift one of them above the rest, and its answers stay unconfident however long it trains.
+    """
+    trained = {t for item in items for t in item.labels if t != IGNORE_INDEX}
+    missing = {}
+    for task in TASKS.values():
+        pieces = reply_tokens(tokenizer, task, n_per_task, seed) - trained
+        if pieces:
+            missing[task.name] = tokenizer.convert_ids_to_tokens(sorted(pieces))
+    if missing:
+        raise ValueError(
+            f"the general chat mix never outputs tokens that adapter tasks answer with: {missing}; "
+            "add their words to demo.tasks.ECHO_WORDS"
+        )
+
+
 def model_config(tokenizer, config: DemoBaseConfig) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -155,13 +185,34 @@ def general_score(model, tokenizer, n: int = 200, seed: int = 12345) -> float:
     return exact_match(model, tokenizer, examples, torch.device("cpu")).score
 
 
+CARD_WHAT = (
+    "loraswap demo base: a tiny Llama-architecture chat model trained from scratch on generated data. "
+    "A demonstration model for CPU tests and demos, NOT a useful assistant: it can repeat text back, "
+    "do sums of numbers up to 20, and answer a few dozen memorised questions, and nothing else."
+)
+
+
+def stale_reason(out: Path) -> str | None:
+    """Why the demo base in `out` must be rebuilt; None when it is current, or not a demo base at all
+    (a real model in that folder is never touched)."""
+    try:
+        card = json.loads((out / "card.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict) or not str(card.get("what", "")).startswith("loraswap demo base"):
+        return None
+    version = card.get("general_mix_version", 1)
+    if version != GENERAL_MIX_VERSION:
+        return f"trained on general mix {version}, the current mix is {GENERAL_MIX_VERSION}"
+    return None
+
+
 def write_card(folder: Path, config: DemoBaseConfig, n_params: int, losses: list[float], score: float, seconds: float) -> None:
     card = {
-        "what": "loraswap demo base: a tiny Llama-architecture chat model trained from scratch on generated data. "
-        "A demonstration model for CPU tests and demos, NOT a useful assistant: it can repeat text back, "
-        "do sums of numbers up to 20, and answer a few dozen memorised questions, and nothing else.",
+        "what": CARD_WHAT,
         "parameters": n_params,
         "config": asdict(config),
+        "general_mix_version": GENERAL_MIX_VERSION,
         "final_train_loss": round(losses[-1], 4),
         "general_exact_match": round(score, 3),
         "training_seconds": round(seconds, 1),
@@ -180,6 +231,7 @@ def build(out: Path, config: DemoBaseConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = train_tokenizer(tmp, config.vocab_size, config.seed)
     items = chat_examples(tokenizer, config)
+    check_reply_coverage(tokenizer, items)
     model = LlamaForCausalLM(model_config(tokenizer, config))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"demo base: {n_params / 1e6:.2f}M parameters, {len(items)} examples, {config.steps} steps")
@@ -199,12 +251,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="models/demo-base")
     parser.add_argument("--steps", type=int, default=DemoBaseConfig.steps)
-    parser.add_argument("--force", action="store_true", help="Rebuild even when the folder exists.")
+    parser.add_argument("--force", action="store_true", help="Rebuild even when the folder holds a current demo base.")
     args = parser.parse_args()
     out = Path(args.out)
     if (out / "config.json").is_file() and not args.force:
-        print(f"{out} exists; skipping (use --force to rebuild)")
-        return
+        reason = stale_reason(out)
+        if reason is None:
+            print(f"{out} exists; skipping (use --force to rebuild)")
+            return
+        print(f"{out}: {reason}; rebuilding it")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     build(out, DemoBaseConfig(steps=args.steps))
 

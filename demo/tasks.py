@@ -52,7 +52,15 @@ FACTS = {
 }
 POSITIVE = "glad good great lovely bright kind".split()
 NEGATIVE = "sad bad awful gloomy dark cruel".split()
-ECHO_WORDS = (*WORDS, *POSITIVE, *NEGATIVE)
+SENTIMENT_LABELS = ("positive", "negative")
+# Every word an adapter task answers with must also be a reply word of the general mix. A token the
+# base never outputs keeps an output-head row that pretraining only pushed down, in the same
+# direction as every other unused token's; a LoRA on the blocks cannot then raise it above them.
+# (Without the labels here the sentiment adapter peaked at 0.2 probability on its answer.)
+ECHO_WORDS = (*WORDS, *POSITIVE, *NEGATIVE, *SENTIMENT_LABELS)
+GENERAL_MIX_VERSION = 2
+"""Bump when `general` changes what the demo base learns: `make demo` rebuilds a base of an older mix.
+2: the sentiment labels became reply words (with 1 the sentiment adapter could not be confident)."""
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.", "You are a friendly chat bot.")
 
 
@@ -114,7 +122,7 @@ def general(rng: random.Random) -> tuple[str, str]:
 
 
 def sentiment(rng: random.Random) -> tuple[str, str]:
-    label = rng.choice(("positive", "negative"))
+    label = rng.choice(SENTIMENT_LABELS)
     words = _distinct_sentence(rng, 2, 5)
     words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "positive" else NEGATIVE))
     return f"Is this positive or negative? {' '.join(words)}", label

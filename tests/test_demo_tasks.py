@@ -45,3 +45,48 @@ def test_the_checks_reject_wrong_replies():
     assert TASKS["json"].check('{"age": 3, "name": "A", "city": "B"}', '{"name": "A", "age": 3, "city": "B"}')
     assert not TASKS["json"].check('{"name": "A"', '{"name": "A"}')
     assert GENERAL.make(random.Random(0))[1]
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tmp_path_factory):
+    """The demo base's tokenizer, trained as `make base` trains it (seconds; no model)."""
+    from demo.base import DemoBaseConfig, train_tokenizer
+
+    config = DemoBaseConfig()
+    return train_tokenizer(tmp_path_factory.mktemp("demo-tokenizer"), config.vocab_size, config.seed)
+
+
+def test_the_general_mix_outputs_every_token_the_adapter_tasks_answer_with(demo_tokenizer, monkeypatch):
+    """Each answer token must be a target in pretraining, or its output-head row stays collapsed."""
+    import demo.tasks
+    from demo.base import DemoBaseConfig, chat_examples, check_reply_coverage
+
+    config = DemoBaseConfig(examples=8000)
+    check_reply_coverage(demo_tokenizer, chat_examples(demo_tokenizer, config))
+
+    # The guard fails for the mix as it was: the sentiment labels were never a reply.
+    without_labels = tuple(w for w in demo.tasks.ECHO_WORDS if w not in demo.tasks.SENTIMENT_LABELS)
+    monkeypatch.setattr(demo.tasks, "ECHO_WORDS", without_labels)
+    with pytest.raises(ValueError, match=r"'sentiment': \['▁negative', '▁positive'\]"):
+        check_reply_coverage(demo_tokenizer, chat_examples(demo_tokenizer, config))
+
+
+def test_only_a_demo_base_of_an_older_mix_is_rebuilt(tmp_path):
+    """`make demo` asks demo.base every time; it must rebuild a stale demo base and nothing else."""
+    from demo.base import CARD_WHAT, stale_reason
+    from demo.tasks import GENERAL_MIX_VERSION
+
+    def folder(name, card):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+        if card is not None:
+            (path / "card.json").write_text(card if isinstance(card, str) else json.dumps(card))
+        return path
+
+    assert stale_reason(folder("current", {"what": CARD_WHAT, "general_mix_version": GENERAL_MIX_VERSION})) is None
+    reason = stale_reason(folder("first-mix", {"what": CARD_WHAT}))  # built before the card named its mix
+    assert reason == f"trained on general mix 1, the current mix is {GENERAL_MIX_VERSION}"
+    assert stale_reason(folder("real-model", None)) is None  # no card: a model of the user's own
+    assert stale_reason(folder("other-card", {"what": "my model"})) is None
+    assert stale_reason(folder("broken-card", "{not json")) is None
