@@ -24,7 +24,7 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 .PHONY: FORCE setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
 
 help:
-	@echo "make demo            set up, build the demo base and adapters if missing, start the server"
+	@echo "make demo            set up, build the demo base and adapters if missing or stale, start the server"
 	@echo "make serve           the web UI and OpenAI-compatible API on 127.0.0.1:7860 (HOST= PORT= SERVE_ARGS=)"
 	@echo "make test            run the test suite (CPU)"
 	@echo "make base            train the demo base model (models/demo-base)"
@@ -62,7 +62,8 @@ FORCE:
 base: setup
 	$(PY) -m demo.base --out $(BASE)
 
-data/%/train.jsonl: | setup
+# The generators are seeded: rewriting the data after demo/tasks.py changes costs seconds.
+data/%/train.jsonl: demo/tasks.py | setup
 	$(PY) -m demo.tasks --out data
 
 data: data/uppercase/train.jsonl
