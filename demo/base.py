@@ -93,29 +93,27 @@ def _check_conversion(tokenizer, model_proto: bytes) -> None:
             raise RuntimeError(f"tokenizer conversion differs from sentencepiece on {text!r}")
 
 
-def chat_examples(tokenizer, config: DemoBaseConfig) -> list[Tokenized]:
-    """The general mix, tokenized, with the loss on the replies only.
-
-    The prompts are mostly random words: predicting them teaches nothing and their loss would
-    drown the signal of the replies (copying, sums, facts) in noise.
-    """
-    rng = random.Random(config.seed + 1)
+def tokenized_examples(tokenizer, task: Task, n: int, seed: int) -> list[Tokenized]:
+    """n generated chat examples of `task`, tokenized, with the loss on the replies only."""
+    rng = random.Random(seed)
     items = []
-    for _ in range(config.examples):
-        messages = [Message(**m) for m in example(GENERAL, rng)["messages"]]
-        ids, mask = encode_chat(tokenizer, messages)
+    for _ in range(n):
+        ids, mask = encode_chat(tokenizer, [Message(**m) for m in example(task, rng)["messages"]])
         items.append(Tokenized(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], 0))
     return items
 
 
-def reply_tokens(tokenizer, task: Task, n: int, seed: int) -> set[int]:
-    """Token ids an assistant reply of `task` is trained on, over n generated examples."""
-    rng = random.Random(seed)
-    ids = set()
-    for _ in range(n):
-        tokens, mask = encode_chat(tokenizer, [Message(**m) for m in example(task, rng)["messages"]])
-        ids.update(t for t, m in zip(tokens, mask) if m)
-    return ids
+def chat_examples(tokenizer, config: DemoBaseConfig) -> list[Tokenized]:
+    """The general mix the base trains on.
+
+    The loss is on the replies only: the prompts are mostly random words, predicting them teaches
+    nothing, and their loss would drown the signal of the replies (copying, sums, facts) in noise.
+    """
+    return tokenized_examples(tokenizer, GENERAL, config.examples, config.seed + 1)
+
+
+def target_tokens(items: list[Tokenized]) -> set[int]:
+    return {t for item in items for t in item.labels if t != IGNORE_INDEX}
 
 
 def check_reply_coverage(tokenizer, items: list[Tokenized], n_per_task: int = 300, seed: int = 7) -> None:
@@ -125,10 +123,10 @@ def check_reply_coverage(tokenizer, items: list[Tokenized], n_per_task: int = 30
     lowers all such rows along one shared direction; an adapter on the decoder blocks then cannot
     lift one of them above the rest, and its answers stay unconfident however long it trains.
     """
-    trained = {t for item in items for t in item.labels if t != IGNORE_INDEX}
+    trained = target_tokens(items)
     missing = {}
     for task in TASKS.values():
-        pieces = reply_tokens(tokenizer, task, n_per_task, seed) - trained
+        pieces = target_tokens(tokenized_examples(tokenizer, task, n_per_task, seed)) - trained
         if pieces:
             missing[task.name] = tokenizer.convert_ids_to_tokens(sorted(pieces))
     if missing:
