@@ -59,8 +59,7 @@ $(BASE)/config.json: FORCE | setup
 
 FORCE:
 
-base: setup
-	$(PY) -m demo.base --out $(BASE)
+base: $(BASE)/config.json
 
 # The generators are seeded: rewriting the data after demo/tasks.py changes costs seconds.
 data/%/train.jsonl: demo/tasks.py | setup

@@ -183,8 +183,10 @@ def general_score(model, tokenizer, n: int = 200, seed: int = 12345) -> float:
     return exact_match(model, tokenizer, examples, torch.device("cpu")).score
 
 
+CARD_TITLE = "loraswap demo base"
+"""How a demo base's card begins: what `stale_reason` recognises as a folder it may rebuild."""
 CARD_WHAT = (
-    "loraswap demo base: a tiny Llama-architecture chat model trained from scratch on generated data. "
+    f"{CARD_TITLE}: a tiny Llama-architecture chat model trained from scratch on generated data. "
     "A demonstration model for CPU tests and demos, NOT a useful assistant: it can repeat text back, "
     "do sums of numbers up to 20, and answer a few dozen memorised questions, and nothing else."
 )
@@ -197,7 +199,7 @@ def stale_reason(out: Path) -> str | None:
         card = json.loads((out / "card.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(card, dict) or not str(card.get("what", "")).startswith("loraswap demo base"):
+    if not isinstance(card, dict) or not str(card.get("what", "")).startswith(CARD_TITLE):
         return None
     version = card.get("general_mix_version", 1)
     if version != GENERAL_MIX_VERSION:
