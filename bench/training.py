@@ -178,6 +178,19 @@ def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s
     return stats, model
 
 
+def forget_8bit_overrides() -> None:
+    """Clear bitsandbytes' process-wide optimizer registry after a Trainer run.
+
+    With an 8-bit optimizer (the baseline's paged_adamw_8bit on a GPU) the Trainer registers every
+    nn.Embedding with bitsandbytes' GlobalOptimManager, to keep it in 32 bits; the manager's list
+    then holds those modules, and their weights, for the life of the process. On an H100 the 8B
+    shape's input embedding (128256 x 4096 bf16, 1.05 GB) outlived its base that way and was
+    counted in the next shape's memory."""
+    from bitsandbytes.optim import GlobalOptimManager
+
+    GlobalOptimManager.get_instance().initialize()
+
+
 class _CountingCollator:
     """The usual seq2seq collator, counting what it hands the model."""
 
@@ -211,10 +224,13 @@ def run_trainer(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized]
             remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-        with PeakMemory(base.device) as peak:
-            start = time.perf_counter()
-            trainer.train()
-        train_s = time.perf_counter() - start
+        try:
+            with PeakMemory(base.device) as peak:
+                start = time.perf_counter()
+                trainer.train()
+            train_s = time.perf_counter() - start
+        finally:
+            forget_8bit_overrides()
     loss = eval_loss(model, evals, base.tokenizer.pad_token_id, s.micro_batch_size, base.device)
     return RunStats("trainer", steps, collator.real, collator.padded, train_s, peak.mb, loss), model
 

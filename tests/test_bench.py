@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,3 +76,24 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     assert all(result["profile"][w]["wall_s"] > 0 for w in windows)
     tables = (tmp_path / "tiny-profile.txt").read_text()
     assert all(f"== tiny / {w}:" in tables for w in windows) and "aten::mm" in tables
+
+
+def test_the_trainers_8bit_optimizer_registry_is_cleared_after_its_run():
+    """The Trainer registers embeddings with bitsandbytes' process-wide manager for an 8-bit
+    optimizer; left there, an 8B shape's 1.05 GB embedding outlived its base (H100, bench-gpu)."""
+    import gc
+    import weakref
+
+    from bitsandbytes.optim import GlobalOptimManager
+
+    from bench.training import forget_8bit_overrides
+
+    embedding = torch.nn.Embedding(4, 2)
+    GlobalOptimManager.get_instance().register_module_override(embedding, "weight", {"optim_bits": 32})
+    weight = weakref.ref(embedding.weight)
+    del embedding
+    gc.collect()
+    assert weight() is not None  # what the Trainer leaves behind
+    forget_8bit_overrides()
+    gc.collect()
+    assert weight() is None
