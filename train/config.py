@@ -119,9 +119,10 @@ class TrainConfig:
     fused_lora: bool | None = _opt(None, "One autograd function per adapted layer (base product + LoRA, "
                                          "train/fused_lora.py); --no-fused-lora runs peft's own forward. Default: on "
                                          "the CPU only, where it measured faster (on an H100 it was slower).")
-    compile: bool = _opt(False, "torch.compile each decoder block's training forward (train/compiled.py): fewer, "
-                                "fused kernels per step, for a one-time compilation (seconds to a minute). "
-                                "Evals and generation stay eager.")
+    compile: bool | None = _opt(None, "torch.compile each decoder block's training forward (train/compiled.py): fewer, "
+                                      "fused kernels per step, for a one-time compilation (seconds to a minute or two). "
+                                      "Evals and generation stay eager. Default: on a GPU only, where it measured "
+                                      "faster (on this project's CPU a run did not earn its compilation back).")
     checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
     resume: bool = _opt(False, "Continue from the run's last checkpoint (weights, optimizer, scheduler, step, RNG).")
     log_every: int = _opt(10, "Record the training loss every N steps.")
