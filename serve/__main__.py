@@ -133,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--max-loaded", type=int, default=8, help="Adapters resident on the device at once.")
     web.add_argument("--max-new-tokens-limit", type=int, default=256, help="Server-side cap on max new tokens.")
     web.add_argument("--reports", default="reports", help="Where `make eval` wrote the matrix the Adapters tab shows.")
-    web.add_argument("--cuda-graphs", action="store_true",
+    web.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                      help="Decode from static row slots, each step captured once as a CUDA graph and replayed "
-                          "(on a GPU; the CPU runs the same steps eagerly). Experimental: see README, Performance.")
+                          "(the CPU runs the same steps eagerly). Default: on when the base loads to a GPU with "
+                          "SDPA attention; --no-cuda-graphs keeps the growing KV cache. See README, Performance.")
     web.add_argument("--graph-context", type=int, default=1024,
-                     help="With --cuda-graphs: tokens of prompt and reply one request may hold (replies are capped to fit).")
+                     help="With the static slots: tokens of prompt and reply one request may hold (replies are "
+                          "capped to fit; a longer prompt is refused, naming this limit).")
     web.add_argument("--lora-kernel", choices=KERNELS, default="auto",
                      help="What adds each row's LoRA delta: auto (a fused C++ kernel for float32 on the CPU, torch "
                           "ops elsewhere), torch, or triton (one Triton kernel per layer for decode steps of up to 4 "

@@ -103,8 +103,10 @@ class ContinuousBatcher:
         self.graphs: StepGraphs | None = None
         self.graph_error: str | None = None
         """Why the loop stopped capturing steps, if it had to."""
-        if decode.static_cache:
+        base = engine.base
+        if decode.uses_static_cache(base.device, getattr(base.model.config, "_attn_implementation", None)):
             self._slots, self.graphs = self._static_cache(decode)
+        log.info("decode loop: %s", self._describe_cache())
         self._default_threads = torch.get_num_threads()  # read here: a new thread may report another count
         self._waiting: queue.Queue = queue.Queue()
         self._running: list[Running] = []
@@ -123,9 +125,17 @@ class ContinuousBatcher:
         if attention != "sdpa":  # the slots pass a boolean 4-D mask, which only SDPA reads as such
             raise ValueError(f"the static decode cache needs sdpa attention, not {attention!r}")
         dtype = base.model.get_input_embeddings().weight.dtype
-        slots = SlotCache.for_model(base.model, self.max_batch, decode.context, dtype, base.device)
-        graphs = StepGraphs() if decode.cuda_graphs and base.device.type == "cuda" else None
+        # no column past the model's own context: the engine never lets a request reach it
+        context = min(decode.context, getattr(base.model.config, "max_position_embeddings", None) or decode.context)
+        slots = SlotCache.for_model(base.model, self.max_batch, context, dtype, base.device)
+        graphs = StepGraphs() if decode.replays_steps(base.device) else None
         return slots, graphs
+
+    def _describe_cache(self) -> str:
+        if self._slots is None:
+            return "growing KV cache"
+        replayed = ", steps replayed as CUDA graphs" if self.graphs is not None else ""
+        return f"static slots of {self._slots.context} tokens{replayed}"
 
     def submit(self, request: ChatRequest) -> Stream:
         stream = Stream()
@@ -237,7 +247,7 @@ class ContinuousBatcher:
         room = self._slots.context - len(prompt)
         if room <= 0:
             raise ValueError(f"prompt is {len(prompt)} tokens, which fills the static decode cache's context of "
-                             f"{self._slots.context} tokens (DecodeSettings.context)")
+                             f"{self._slots.context} tokens (the server's --graph-context, DecodeSettings.context)")
         return min(max_new, room)
 
     def _step(self, admitted: list[Running]) -> None:
