@@ -118,7 +118,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     fused_lora: bool | None = _opt(None, "One autograd function per adapted layer (base product + LoRA, "
                                          "train/fused_lora.py); --no-fused-lora runs peft's own forward. Default: on "
-                                         "the CPU only, where it measured faster (on an H100 it was slower).")
+                                         "the CPU only, where it measured faster (no steady gain on an H100).")
     compile: bool | None = _opt(None, "torch.compile each decoder block's training forward (train/compiled.py): fewer, "
                                       "fused kernels per step, for a one-time compilation (seconds to a minute or two). "
                                       "Evals and generation stay eager. Default: on a GPU only, where it measured "

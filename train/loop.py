@@ -158,13 +158,13 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
     model = get_peft_model(model, peft_config)
     if use_fused_lora(config.fused_lora, model) and not under_fsdp():  # FSDP's flat parameters keep peft's forward
         fuse_lora_layers(model)
-    if use_compile(config.compile, model) and under_fsdp():  # FSDP re-wraps the blocks after this; not tried together
-        if config.compile:
+    if use_compile(config.compile, model):
+        if under_fsdp():  # FSDP re-wraps the blocks after this; not tried together
             log.warning("--compile is not applied under FSDP: the blocks run eagerly")
-    elif use_compile(config.compile, model):
-        model.enable_input_require_grads()  # every block's input the same kind: block 0 needs no graph of its own
-        log.info("compiled %d decoder blocks' training forward: the first steps wait for the compilation "
-                 "(about 1.5 min for an 8B shape on an H100); --no-compile skips it", compile_blocks(model))
+        else:
+            model.enable_input_require_grads()  # every block's input the same kind: block 0 needs no graph of its own
+            log.info("compiled %d decoder blocks' training forward: the first steps wait for the compilation "
+                     "(about 1.5 min for an 8B shape on an H100); --no-compile skips it", compile_blocks(model))
     return model
 
 
