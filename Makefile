@@ -35,7 +35,7 @@ help:
 	@echo "make serve-list      servable and rejected adapters (python -m serve list / chat)"
 	@echo "make bench-serve     the engine vs one-at-a-time set_adapter serving (bench/results/serve.json)"
 	@echo "make bench-train     our training loop vs Trainer + peft on the CPU (bench/results/train.json)"
-	@echo "make bench-gpu       Llama-3.2-1B and 3.1-8B shapes on a GPU; SIZE=tiny runs it on the CPU; STAGES=serving|training; SKIP=\"experiments\"; PROFILE=1 adds profiles"
+	@echo "make bench-gpu       Llama-3.2-1B and 3.1-8B shapes on a GPU; SIZE=tiny runs it on the CPU; STAGES=serving|training; SKIP=\"experiments\" (SKIP=none: all); PROFILE=1 adds profiles"
 	@echo "make serve-vllm      the vLLM multi-LoRA launch command for every servable adapter"
 	@echo "make sweep NAME= DATA= [RANKS=\"1 2 4 8 16 64\" ALPHAS= LRS=]   one adapter per setting, report in reports/"
 	@echo "make techniques NAME= DATA=   QLoRA, LoRA, last-N layers and full fine-tuning, with forgetting"

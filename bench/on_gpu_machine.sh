@@ -5,7 +5,7 @@
 # into a scratch folder, never over the machine's own packages. Then:
 #   bash bench/on_gpu_machine.sh              both shapes, no profile (estimated over 8 minutes on an H100)
 #   SIZES=8b PROFILE=1 bash bench/on_gpu_machine.sh
-#   SIZES=8b SKIP="static_cache_decode shared_inputs" bash bench/on_gpu_machine.sh   fewer experiments
+#   SIZES=8b SKIP=none bash bench/on_gpu_machine.sh   every experiment (the default leaves out bench.gpu.DEFAULT_SKIP)
 #   TESTS=1 bash bench/on_gpu_machine.sh      also the test suite, on the GPU, first
 #   TESTS=tests/test_lora_triton.py bash ...  only those test files first (the Triton kernel compiled on the GPU)
 # Results go to $OUT (or bench/results/): gpu.json, gpu.log, gpu-profile.txt, tests.log.
