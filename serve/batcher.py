@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from adapters.chat import left_pad
 from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, cut_at_stop
 from serve.registry import AdapterEntry, UnknownAdapterError
-from serve.slots import DecodeSettings, SlotCache, StepGraphs, causal_lm
+from serve.slots import DEFAULT_SLOTS_SHARE, DecodeSettings, SlotCache, StepGraphs, causal_lm, device_free_bytes
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -104,7 +104,8 @@ class ContinuousBatcher:
         self.graph_error: str | None = None
         """Why the loop stopped capturing steps, if it had to."""
         base = engine.base
-        if decode.uses_static_cache(base.device, getattr(base.model.config, "_attn_implementation", None)):
+        if decode.uses_static_cache(base.device, getattr(base.model.config, "_attn_implementation", None)) \
+                and (decode.static_cache or self._default_slots_fit(decode)):
             self._slots, self.graphs = self._static_cache(decode)
         log.info("decode loop: %s", self._describe_cache())
         self._default_threads = torch.get_num_threads()  # read here: a new thread may report another count
@@ -124,12 +125,28 @@ class ContinuousBatcher:
         attention = getattr(base.model.config, "_attn_implementation", None)
         if attention != "sdpa":  # the slots pass a boolean 4-D mask, which only SDPA reads as such
             raise ValueError(f"the static decode cache needs sdpa attention, not {attention!r}")
-        dtype = base.model.get_input_embeddings().weight.dtype
-        # no column past the model's own context: the engine never lets a request reach it
-        context = min(decode.context, getattr(base.model.config, "max_position_embeddings", None) or decode.context)
-        slots = SlotCache.for_model(base.model, self.max_batch, context, dtype, base.device)
+        slots = SlotCache.for_model(base.model, self.max_batch, self._slot_context(decode), self._kv_dtype(), base.device)
         graphs = StepGraphs() if decode.replays_steps(base.device) else None
         return slots, graphs
+
+    def _slot_context(self, decode: DecodeSettings) -> int:
+        # no column past the model's own context: the engine never lets a request reach it
+        return min(decode.context, getattr(self.engine.base.model.config, "max_position_embeddings", None) or decode.context)
+
+    def _kv_dtype(self) -> torch.dtype:
+        return self.engine.base.model.get_input_embeddings().weight.dtype
+
+    def _default_slots_fit(self, decode: DecodeSettings) -> bool:
+        """Slots nobody asked for must leave the device room (DEFAULT_SLOTS_SHARE of its free memory)."""
+        base = self.engine.base
+        need = SlotCache.bytes_for(base.model, self.max_batch, self._slot_context(decode), self._kv_dtype())
+        free = device_free_bytes(base.device)
+        if need <= DEFAULT_SLOTS_SHARE * free:
+            return True
+        log.warning("decode loop: static slots for %d requests of %d tokens would take %.1f GB of the %.1f GB free; "
+                    "keeping the growing KV cache (a smaller --graph-context fits more; --cuda-graphs insists)",
+                    self.max_batch, self._slot_context(decode), need / 1e9, free / 1e9)
+        return False
 
     def _describe_cache(self) -> str:
         if self._slots is None:

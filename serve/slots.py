@@ -22,6 +22,7 @@ free slots. Without CUDA (the CPU, the tests) the same steps run eagerly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,20 @@ class DecodeSettings:
         return self.cuda_graphs and device.type == "cuda"
 
 
+def device_free_bytes(device: torch.device) -> int:
+    """Memory the device has free: the CUDA driver's count, or the machine's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+DEFAULT_SLOTS_SHARE = 0.5
+"""The most of the device's free memory (after the base) that the slots may take when they are the
+default rather than asked for: larger, the decode loop keeps the growing cache, which allocates
+only what the running requests hold. (The 8B shape's 32 x 1,024 slots take 4.3 GB; a 13B model
+without grouped KV heads would take 27 GB, more than a 24 GB card has.)"""
+
+
 class SlotLayer(StaticLayer):
     """One decoder layer's slice of the slots: writes each row's new key and value at that row's
     own position (transformers' static layers write every row at one shared column)."""
@@ -73,6 +88,14 @@ class SlotLayer(StaticLayer):
         self.keys.scatter_(2, at.expand(-1, self.num_heads, 1, self.k_head_dim), key_states)
         self.values.scatter_(2, at.expand(-1, self.num_heads, 1, self.v_head_dim), value_states)
         return self.keys, self.values
+
+
+def _kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a transformers decoder."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
 
 
 class SlotCache:
@@ -95,10 +118,13 @@ class SlotCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, capacity: int, context: int, dtype: torch.dtype,
                   device: torch.device) -> "SlotCache":
-        config = model.config.get_text_config(decoder=True)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(capacity, context, config.num_hidden_layers, kv_heads, head_dim, dtype, device)
+        return cls(capacity, context, *_kv_layout(model), dtype, device)
+
+    @staticmethod
+    def bytes_for(model: torch.nn.Module, capacity: int, context: int, dtype: torch.dtype) -> int:
+        """What `for_model` would allocate for its keys and values."""
+        layers, kv_heads, head_dim = _kv_layout(model)
+        return 2 * layers * capacity * kv_heads * context * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     def bucket(self, rows: int) -> int:
         """The smallest power of two holding `rows`, at most the capacity: one captured step each."""

@@ -227,3 +227,27 @@ def test_the_static_slots_are_the_default_where_steps_replay_as_cuda_graphs(serv
         assert batcher._slots is None and batcher.graphs is None
     finally:
         batcher.close()
+
+
+def test_default_slots_that_would_crowd_the_device_leave_the_growing_cache(served, tiny_base, monkeypatch, caplog):
+    """Chosen by default, the slots take at most half the free memory (a 13B model without grouped
+    KV heads would need 27 GB of them); asked for, they are allocated whatever they cost."""
+    import serve.batcher as batcher_module
+    from serve.slots import SlotCache
+
+    _, _, registry = served
+    engine = new_engine(tiny_base, registry, 4)
+    model, dtype = engine.base.model, engine.base.model.get_input_embeddings().weight.dtype
+    slots = SlotCache.for_model(model, 4, 24, dtype, torch.device("cpu"))
+    held = sum(t.numel() * t.element_size() for t in slots.keys + slots.values)
+    assert SlotCache.bytes_for(model, 4, 24, dtype) == held
+    monkeypatch.setattr(DecodeSettings, "uses_static_cache", lambda self, device, attention: True)  # as on a GPU
+    need = SlotCache.bytes_for(model, 4, 48, dtype)
+    for free, asked, kept in ((2 * need, None, True), (2 * need - 1, None, False), (0, True, True)):
+        monkeypatch.setattr(batcher_module, "device_free_bytes", lambda device: free)
+        batcher = ContinuousBatcher(engine, max_batch=4, decode=DecodeSettings(static_cache=asked, context=48))
+        try:
+            assert (batcher._slots is not None) == kept, (free, asked)
+        finally:
+            batcher.close()
+    assert "keeping the growing KV cache" in caplog.text
