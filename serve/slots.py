@@ -124,7 +124,7 @@ class SlotCache:
     def bytes_for(model: torch.nn.Module, capacity: int, context: int, dtype: torch.dtype) -> int:
         """What `for_model` would allocate for its keys and values."""
         layers, kv_heads, head_dim = _kv_layout(model)
-        return 2 * layers * capacity * kv_heads * context * head_dim * torch.empty(0, dtype=dtype).element_size()
+        return 2 * layers * capacity * kv_heads * context * head_dim * dtype.itemsize
 
     def bucket(self, rows: int) -> int:
         """The smallest power of two holding `rows`, at most the capacity: one captured step each."""
