@@ -103,9 +103,7 @@ class ContinuousBatcher:
         self.graphs: StepGraphs | None = None
         self.graph_error: str | None = None
         """Why the loop stopped capturing steps, if it had to."""
-        base = engine.base
-        if decode.uses_static_cache(base.device, getattr(base.model.config, "_attn_implementation", None)) \
-                and (decode.static_cache or self._default_slots_fit(decode)):
+        if self._keeps_slots(decode):
             self._slots, self.graphs = self._static_cache(decode)
         log.info("decode loop: %s", self._describe_cache())
         self._default_threads = torch.get_num_threads()  # read here: a new thread may report another count
@@ -136,16 +134,22 @@ class ContinuousBatcher:
     def _kv_dtype(self) -> torch.dtype:
         return self.engine.base.model.get_input_embeddings().weight.dtype
 
-    def _default_slots_fit(self, decode: DecodeSettings) -> bool:
-        """Slots nobody asked for must leave the device room (DEFAULT_SLOTS_SHARE of its free memory)."""
+    def _keeps_slots(self, decode: DecodeSettings) -> bool:
+        """Asked for, the slots; by default, where they apply and leave the device room
+        (DEFAULT_SLOTS_SHARE of its free memory)."""
         base = self.engine.base
-        need = SlotCache.bytes_for(base.model, self.max_batch, self._slot_context(decode), self._kv_dtype())
+        if not decode.uses_static_cache(base.device, getattr(base.model.config, "_attn_implementation", None)):
+            return False
+        if decode.static_cache:
+            return True
+        context = self._slot_context(decode)
+        need = SlotCache.bytes_for(base.model, self.max_batch, context, self._kv_dtype())
         free = device_free_bytes(base.device)
         if need <= DEFAULT_SLOTS_SHARE * free:
             return True
         log.warning("decode loop: static slots for %d requests of %d tokens would take %.1f GB of the %.1f GB free; "
                     "keeping the growing KV cache (a smaller --graph-context fits more; --cuda-graphs insists)",
-                    self.max_batch, self._slot_context(decode), need / 1e9, free / 1e9)
+                    self.max_batch, context, need / 1e9, free / 1e9)
         return False
 
     def _describe_cache(self) -> str:

@@ -22,7 +22,6 @@ free slots. Without CUDA (the CPU, the tests) the same steps run eagerly.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +35,8 @@ class DecodeSettings:
 
     static_cache: bool | None = None
     """Fixed row slots (this module) instead of a cache that grows and is re-padded every step.
-    None: wherever the steps can be captured as CUDA graphs (`replays_steps`), the growing cache
-    elsewhere. bench-gpu on an H100 (8B shape, run 3): 16 requests over 16 adapters at 703 tokens/s
+    None: wherever the steps can be captured as CUDA graphs (`replays_steps`) and the slots fit
+    (DEFAULT_SLOTS_SHARE), the growing cache elsewhere. bench-gpu on an H100 (8B shape, run 3): 16 requests over 16 adapters at 703 tokens/s
     against 205 with the growing cache; with graphs an adapter costs 8% of the base's throughput at
     batch 1 and 16 adapters cost 8% at batch 16, against 42% and 36% eagerly."""
     context: int = 1024
@@ -57,10 +56,8 @@ class DecodeSettings:
 
 
 def device_free_bytes(device: torch.device) -> int:
-    """Memory the device has free: the CUDA driver's count, or the machine's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """A CUDA device's free memory, by the driver's count (default slots are chosen on CUDA only)."""
+    return torch.cuda.mem_get_info(device)[0]
 
 
 DEFAULT_SLOTS_SHARE = 0.5
