@@ -69,6 +69,8 @@ TARGETS = {
     "decode_adapter_vs_base": ">= 0.85 (the server's default on a GPU: serving.static_engine.static_batch1_adapter_vs_base;"
                               " HF generate: serving.decode_adapter_vs_base)",
 }
+TIME_BOUND_S = 480
+"""The issue's bound for the whole run, both shapes, on one H100."""
 WORDS = "the river town old bridge light morning green hill market song quiet road story".split()
 
 
@@ -198,28 +200,56 @@ def bytes_per_decoded_token(model, config: LlamaConfig) -> int:
     """Weight bytes a batch-1 decode step must read: every 4-bit matrix with its scales, the
     output head, one embedding row and the norms (the KV cache of a short prompt is negligible)."""
     sizes = quantized_bytes(model)
-    head = config.vocab_size * config.hidden_size * 2
-    return sizes["packed_4bit"] + sizes["quant_scales"] + head + config.hidden_size * 2 * (2 * config.num_hidden_layers + 2)
+    unquantized = model.get_output_embeddings().weight.element_size()  # 2 in bf16 on a GPU, 4 on the CPU
+    head = config.vocab_size * config.hidden_size
+    return sizes["packed_4bit"] + sizes["quant_scales"] + unquantized * (head + config.hidden_size * (2 * config.num_hidden_layers + 2))
 
 
-def copy_bandwidth(device: torch.device) -> float | None:
-    """Device memory bandwidth in bytes/s from a large device-to-device copy (read + write)."""
-    if device.type != "cuda":
-        return None
-    src = torch.randn(2**28, device=device)  # 1 GiB
+def copy_bandwidth(device: torch.device) -> float:
+    """Memory bandwidth in bytes/s from a large copy on the device (read + write): 1 GiB on a GPU,
+    256 MiB on the CPU (past its caches, and quick on two cores)."""
+    src = torch.randn(2**28 if device.type == "cuda" else 2**26, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
+    repeats = 10 if device.type == "cuda" else 3
+    dst.copy_(src)  # first touch of the pages
+    _synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
         dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1000 / 10
+    _synchronize(device)
+    seconds = (time.perf_counter() - began) / repeats
+    moved = 2 * src.numel() * src.element_size()
     del src, dst
     _free()
-    return 2 * 2**30 / seconds
+    return moved / seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+BATCH1_BASE_RATES = {
+    "hf_generate": ("decode_base_tokens_per_s",),
+    "server_static_slots": ("static_engine", "engine_static_batch1_base_tokens_per_s"),
+    "graphed_step": ("lora_kernel", "graphed_base_batch1_torch_tokens_per_s"),
+}
+"""Batch-1 decode rates of the base in `bench_serving`'s figures, by path: HF generate (eager);
+one request through the server's default on a GPU (prefill included, so its share is a lower
+bound); one captured step of the model alone (the `lora_kernel` experiment, GPU only)."""
+
+
+def bandwidth_shares(serving: dict, bytes_per_token: int, bandwidth: float) -> dict[str, float]:
+    """For each batch-1 rate that was measured, the share of the bound that reading every weight
+    byte once per token at `bandwidth` sets: rate · bytes per token / bandwidth."""
+    shares = {}
+    for path, keys in BATCH1_BASE_RATES.items():
+        rate = serving
+        for key in keys:  # an experiment skipped or failed leaves no rate
+            rate = rate.get(key) if isinstance(rate, dict) else None
+        if isinstance(rate, (int, float)) and rate > 0:
+            shares[path] = round(rate * bytes_per_token / bandwidth, 3)
+    return shares
 
 
 # -- training -----------------------------------------------------------------------------
@@ -244,20 +274,24 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
     base.model = model.unload()
     _free()
     results = {}
-    # Ours both ways, the fused layers (train/fused_lora.py) and peft's own forward, and compiled;
-    # "ours" below is the one our default picks on this device (_default_run), the Trainer's
-    # baseline beside it. Their order: the Trainer first, as the slowest to start. On a GPU also ours with
-    # the Trainer's optimizer (QLoRA's paged 8-bit AdamW; ours defaults to torch's fused AdamW),
-    # so that the optimizer's share of the difference shows.
-    runs = [("trainer", run_trainer, settings), ("ours_fused", run_ours, replace(settings, fused_lora=True)),
-            ("ours_peft_forward", run_ours, replace(settings, fused_lora=False))]
-    if base.device.type == "cuda" and plan.runs("paged_8bit"):
+    # Ours with peft's own forward, with the fused layers (train/fused_lora.py: the CPU's default,
+    # on a GPU the `fused_lora` experiment), and compiled; "ours" below is the one our default
+    # picks on this device (_default_run), the Trainer's baseline beside it. Their order: the
+    # Trainer first, as the slowest to start. On a GPU also ours with the Trainer's optimizer
+    # (QLoRA's paged 8-bit AdamW; ours defaults to torch's fused AdamW), so that the optimizer's
+    # share of the difference shows.
+    on_gpu = base.device.type == "cuda"
+    runs = [("trainer", run_trainer, settings)]
+    if not on_gpu or plan.runs("fused_lora"):
+        runs.append(("ours_fused", run_ours, replace(settings, fused_lora=True)))
+    runs.append(("ours_peft_forward", run_ours, replace(settings, fused_lora=False)))
+    if on_gpu and plan.runs("paged_8bit"):
         runs.append(("ours_paged_adamw_8bit", run_ours, replace(settings, optimizer="paged_adamw_8bit")))
     for label, runner, chosen in runs:
         results[label] = _timed_run(base, runner, train, evals, chosen)
     if plan.runs("compiled"):
         results["ours_compiled"] = attempt(lambda: compiled_training(base, train, evals, settings, warm))
-    fused, plain, theirs = results["ours_fused"], results["ours_peft_forward"], results["trainer"]
+    plain, theirs = results["ours_peft_forward"], results["trainer"]
     default = _default_run(base.device, results)
     ours = results[default]
     if plan.profile:
@@ -268,7 +302,8 @@ def bench_training(base, plan: Plan, vocab: int, windows: list[Window]) -> dict:
         "ours": default,
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
         "peak_memory_ratio": round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3),
-        "fused_vs_peft_forward_tokens_per_s": round(fused["tokens_per_s"] / plain["tokens_per_s"], 3),
+        **({"fused_vs_peft_forward_tokens_per_s": round(results["ours_fused"]["tokens_per_s"] / plain["tokens_per_s"], 3)}
+           if "ours_fused" in results else {}),
         **_ratios_of_compiled(results.get("ours_compiled", {"error": "skipped"}), theirs),
         **({"adamw_vs_paged_8bit_tokens_per_s": round(plain["tokens_per_s"] / results["ours_paged_adamw_8bit"]["tokens_per_s"], 3)}
            if "ours_paged_adamw_8bit" in results else {}),
@@ -422,12 +457,10 @@ def decode_tokens_per_s(model, tokenizer, device, tokens: int, repeats: int = 3)
     ids = prompt_ids(tokenizer, 1, device)
     best = float("inf")
     for attempt in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         forced_generate(model, tokenizer, ids, tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         if attempt:
             best = min(best, time.perf_counter() - start)
     return tokens / best
@@ -618,7 +651,7 @@ def _static_batch1_triton(engine: Engine, name: str, plan: Plan, decode: DecodeS
             "static_batch1_adapter_vs_base": round(rate / base_tokens_per_s, 3)}
 
 
-def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, windows: list[Window],
+def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float, windows: list[Window],
                   progress=lambda partial: None) -> dict:
     """The serving figures; `progress(out)` is called with what is measured so far after each part."""
     device, tokenizer = base.device, base.tokenizer
@@ -631,8 +664,8 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
     warm_up(base)
     base_decode = decode_tokens_per_s(base.model, tokenizer, device, plan.new_tokens)
     out["decode_base_tokens_per_s"] = round(base_decode, 2)
-    if bandwidth:
-        out["bandwidth_bound_share_base"] = round(bytes_per_decoded_token(base.model, base.model.config) / bandwidth * base_decode, 3)
+    out["weight_bytes_per_token"] = weight_bytes = bytes_per_decoded_token(base.model, base.model.config)
+    out["bandwidth_bound_share_base"] = round(weight_bytes / bandwidth * base_decode, 3)
     baseline = PeftModel.from_pretrained(base.model, str(store.path(names[0])), adapter_name=names[0])
     for name in names[1:]:
         baseline.load_adapter(str(store.path(name)), adapter_name=name)
@@ -698,6 +731,7 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
         if plan.runs(name):
             out[name] = attempt(experiment)
             progress(out)
+    out["bandwidth_bound_share_batch1_base"] = bandwidth_shares(out, weight_bytes, bandwidth)
     if plan.profile:
         windows.extend(profile_decode(engine, entries, plan.new_tokens))
     return out
@@ -706,19 +740,21 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float | None, wind
 # -- one shape ----------------------------------------------------------------------------
 
 STAGES = ("training", "serving")
-EXPERIMENTS = ("paged_8bit", "compiled", "static_engine", "lora_kernel", "static_cache_decode", "shared_inputs")
+EXPERIMENTS = ("fused_lora", "paged_8bit", "compiled", "static_engine", "lora_kernel", "static_cache_decode",
+               "shared_inputs")
 """Runs beyond the issue's figures, each comparing one change with what it would replace; `--skip`
-leaves any of them out (training: ours with the paged 8-bit optimizer, ours compiled; serving:
-the rest)."""
-DEFAULT_SKIP = ("paged_8bit", "lora_kernel", "static_cache_decode", "shared_inputs")
+leaves any of them out (training, on a GPU: ours with the fused layers, ours with the paged
+8-bit optimizer; ours compiled; serving: the rest)."""
+DEFAULT_SKIP = ("fused_lora", "paged_8bit", "lora_kernel", "static_cache_decode", "shared_inputs")
 """Left out unless `--skip none` (or another list) is given: comparisons whose questions the H100
-runs answered (our optimizer matched paged 8-bit AdamW's speed; the Triton kernel lost; graphed
-steps won, and the server now uses them) or that are not figures of our defaults. By run 3's
-stage times both shapes then take about the issue's 8 minutes (an estimate); compiled training
-and the static engine are our defaults on a GPU and always run."""
+runs answered (the fused layers gained nothing steady over peft's forward on a GPU; our optimizer
+matched paged 8-bit AdamW's speed; the Triton kernel lost; graphed steps won, and the server now
+uses them) or that are not figures of our defaults. By run 3's stage times both shapes then take
+about the issue's 8 minutes (an estimate); compiled training and the static engine are our
+defaults on a GPU and always run, and so do the fused layers on the CPU."""
 
 
-def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: float | None, log,
+def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: float, log,
                 profiles: dict[str, list[Window]], profile: bool = False, stages: tuple[str, ...] = STAGES,
                 skip: tuple[str, ...] = ()) -> dict:
     """One shape's figures; with `profile`, its profiled windows go into profiles[shape]."""
@@ -726,7 +762,7 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
     windows = profiles.setdefault(shape, [])
     folder = workdir / shape
     folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start = shape_started = time.perf_counter()
     build_random_base(shape, folder, device)
     result: dict = {"shape": shape, "plan": asdict(plan), "build_and_save_s": round(time.perf_counter() - start, 1)}
     start = time.perf_counter()
@@ -749,8 +785,9 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
     runs = {"training": lambda b: bench_training(b, plan, config.vocab_size, windows),
             "serving": lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth, windows, progress)}
     for stage in stages:
-        run = runs[stage]
+        run, started = runs[stage], time.perf_counter()
         result[stage] = attempt(lambda: run(base))
+        result[f"{stage}_s"] = round(time.perf_counter() - started, 1)
         # A failed run may leave LoRA layers or compiled blocks on the base: go on with a fresh
         # one, for the other stage still counts.
         if "error" in result[stage] or "error" in result[stage].get("ours_compiled", {}):
@@ -765,6 +802,7 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
     result["left_on_device"] = leftover(device)
     log(shape, "left_on_device", result)
     shutil.rmtree(folder, ignore_errors=True)
+    result["shape_s"] = round(time.perf_counter() - shape_started, 1)
     return result
 
 
@@ -786,7 +824,7 @@ def _kernel_cells(kernel: dict) -> str:
 def _table(results: dict) -> str:
     rows = [("shape", "train tok/s ours/trainer", "ratio", "peak GB ours/trainer", "decode base/adapter tok/s",
              "16 req: base, 1/4/16 ad, 16 cold, set_adapter tok/s", "static cache: 16 req base/16 ad, 1 req base/ad",
-             "b1 adapter/base: torch/triton", "bw share")]
+             "b1 adapter/base: torch/triton", "bw share b1 base: generate/server/graphed step")]
     for shape, r in results["shapes"].items():
         t, s = r.get("training", {}), r.get("serving", {})
         rows.append((
@@ -801,7 +839,7 @@ def _table(results: dict) -> str:
             f"{s.get('engine_16_adapters_cold_tokens_per_s', '-')}, {s.get('set_adapter_16_adapters_tokens_per_s', '-')}",
             _static_cells(s.get("static_engine", {})),
             _kernel_cells(s.get("lora_kernel", {})),
-            str(s.get("bandwidth_bound_share_base", "-")),
+            "/".join(str(s.get("bandwidth_bound_share_batch1_base", {}).get(path, "-")) for path in BATCH1_BASE_RATES),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
@@ -837,7 +875,7 @@ def main() -> None:
         "targets": TARGETS,
         "shapes": {},
     }
-    results["copy_bandwidth_gb_s"] = round((bw := copy_bandwidth(device)) / 1e9, 1) if device.type == "cuda" else None
+    results["copy_bandwidth_gb_s"] = round((bw := copy_bandwidth(device)) / 1e9, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def log(shape: str, stage: str, partial: dict) -> None:
@@ -851,7 +889,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for shape in shapes:
             try:
-                bench_shape(shape, device, Path(workdir), bw if device.type == "cuda" else None, log, profiles, args.profile,
+                bench_shape(shape, device, Path(workdir), bw, log, profiles, args.profile,
                             tuple(args.stages), tuple(e for e in args.skip if e != "none"))
             except Exception as err:  # keep the other shapes' figures; say what broke
                 traceback.print_exc()
@@ -862,6 +900,8 @@ def main() -> None:
     results["total_s"] = round(time.perf_counter() - started, 1)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(_table(results))
+    per_shape = ", ".join(f"{shape}: {r.get('shape_s', '-')} s" for shape, r in results["shapes"].items())
+    print(f"total {results['total_s']} s ({per_shape}); the issue's bound for both GPU shapes on one H100: {TIME_BOUND_S} s")
     print(f"wrote {out}")
     if args.profile:
         print(f"wrote {tables}")

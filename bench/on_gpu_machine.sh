@@ -3,7 +3,7 @@
 # other packages (a lent GPU machine, say). Wheels for what it lacks go in .whl/ beforehand
 # (bitsandbytes, peft, transformers at the versions pyproject.toml allows); they are installed
 # into a scratch folder, never over the machine's own packages. Then:
-#   bash bench/on_gpu_machine.sh              both shapes, no profile (estimated over 8 minutes on an H100)
+#   bash bench/on_gpu_machine.sh              both shapes, no profile (about 8 minutes on an H100, an estimate)
 #   SIZES=8b PROFILE=1 bash bench/on_gpu_machine.sh
 #   SIZES=8b SKIP=none bash bench/on_gpu_machine.sh   every experiment (the default leaves out bench.gpu.DEFAULT_SKIP)
 #   TESTS=1 bash bench/on_gpu_machine.sh      also the test suite, on the GPU, first

@@ -68,7 +68,19 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     for k in (1, 4, 16):
         ratio = serving[f"engine_{k}_adapters_tokens_per_s"] / serving["set_adapter_16_adapters_tokens_per_s"]
         assert serving[f"serve_{k}_adapters_vs_set_adapter"] == round(ratio, 2)
-    assert "tiny" in done.stdout  # the table
+    # The share of the bandwidth bound at batch 1, from each base rate measured, against the copy
+    # bandwidth the run measured (the graphed step runs on a GPU only).
+    bandwidth = json.loads(out.read_text())["copy_bandwidth_gb_s"] * 1e9
+    shares = serving["bandwidth_bound_share_batch1_base"]
+    rates = {"hf_generate": serving["decode_base_tokens_per_s"],
+             "server_static_slots": engine_static["engine_static_batch1_base_tokens_per_s"]}
+    assert sorted(shares) == sorted(rates)
+    for path, rate in rates.items():
+        assert abs(shares[path] - rate * serving["weight_bytes_per_token"] / bandwidth) < 0.0015 + 0.01 * shares[path], path
+    # Where the time went, per shape and stage (the GPU run has an 8-minute bound to keep).
+    assert all(result[key] > 0 for key in ("training_s", "serving_s", "shape_s"))
+    assert result["shape_s"] >= result["training_s"] + result["serving_s"]
+    assert "tiny" in done.stdout and "the issue's bound" in done.stdout  # the table, then the times
     # --profile: each window ran and was timed, and its operator table is in the text file.
     windows = ["training", "decode base, batch 1", "decode one adapter, batch 1", "decode base, batch 16",
                "decode 16 adapters, batch 16"]
