@@ -90,7 +90,7 @@ bench-serve: setup $(BASE)/config.json demo-adapters
 bench-train: setup $(BASE)/config.json data/uppercase/train.jsonl
 	$(PY) -m bench.train --base $(BASE)
 
-SIZE ?= 1b 8b
+SIZE ?= 8b 1b
 bench-gpu: setup
 	$(PY) -m bench.gpu --sizes $(SIZE) $(if $(STAGES),--stages $(STAGES)) $(if $(SKIP),--skip $(SKIP)) $(if $(PROFILE),--profile)
 

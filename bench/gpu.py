@@ -847,7 +847,7 @@ def _table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["1b", "8b"], help="tiny, 1b, 8b")
+    parser.add_argument("--sizes", nargs="+", default=["8b", "1b"], help="tiny, 1b, 8b (default: 8b first, the shape the targets name, on a fresh device)")
     parser.add_argument("--out", default=None, help="default bench/results/gpu-<gpu name>.json (cpu-tiny.json on the CPU)")
     parser.add_argument("--workdir", default=None, help="where the random models are built (default: a temporary folder)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to run (default: both)")
