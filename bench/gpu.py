@@ -665,7 +665,6 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float, windows: li
     base_decode = decode_tokens_per_s(base.model, tokenizer, device, plan.new_tokens)
     out["decode_base_tokens_per_s"] = round(base_decode, 2)
     out["weight_bytes_per_token"] = weight_bytes = bytes_per_decoded_token(base.model, base.model.config)
-    out["bandwidth_bound_share_base"] = round(weight_bytes / bandwidth * base_decode, 3)
     baseline = PeftModel.from_pretrained(base.model, str(store.path(names[0])), adapter_name=names[0])
     for name in names[1:]:
         baseline.load_adapter(str(store.path(name)), adapter_name=name)
