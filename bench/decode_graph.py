@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
+from bench.profiling import synchronize
 from serve.slots import SlotCache, causal_lm
 
 
@@ -98,11 +99,11 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, warm_s
             state.step()
         step = captured.replay
     timed = new_tokens - 1 - warm_steps
-    _sync(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     for _ in range(timed):
         _advance(state, step)
-    _sync(ids.device)
+    synchronize(ids.device)
     elapsed = time.perf_counter() - start
     return DecodeRun(state.tokens(), timed / elapsed if timed > 0 else 0.0)
 
@@ -110,11 +111,6 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, warm_s
 def _advance(state: StaticDecode, step) -> None:
     step()
     state.generated.append(state.slots.tokens.clone())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class HostSyncs(TorchDispatchMode):

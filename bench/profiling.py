@@ -37,7 +37,8 @@ class Window:
                 "busy_share": busy, "kernels": self.kernels}
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU): for timing with the host's clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -46,11 +47,11 @@ def profile_window(name: str, what: str, device: torch.device, work: Callable[[]
     """Run `work` once under torch.profiler (CPU, and CUDA on a GPU) and summarise it."""
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         work()
-        _sync(device)
+        synchronize(device)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     if not on_gpu:
