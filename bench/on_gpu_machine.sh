@@ -8,7 +8,10 @@
 #   SIZES=8b SKIP=none bash bench/on_gpu_machine.sh   every experiment (the default leaves out bench.gpu.DEFAULT_SKIP)
 #   TESTS=1 bash bench/on_gpu_machine.sh      also the test suite, on the GPU, first
 #   TESTS=tests/test_lora_triton.py bash ...  only those test files first (the Triton kernel compiled on the GPU)
-# Results go to $OUT (or bench/results/): gpu.json, gpu.log, gpu-profile.txt, tests.log.
+#   PRODUCTS=1 bash bench/on_gpu_machine.sh   then bench/lora_products.py (batch-1 LoRA products, ~1 min)
+#   BENCH=0 PRODUCTS=1 bash ...               that one alone
+# Results go to $OUT (or bench/results/): gpu.json, gpu.log, gpu-profile.txt, tests.log,
+# lora-products.json and .log.
 set -o pipefail
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -26,4 +29,12 @@ if [ -n "$TESTS" ]; then
     timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_server.py \
         --ignore=tests/test_browser.py $TESTS 2>&1 | tee "$out/tests.log"
 fi
-timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.gpu --sizes ${SIZES:-8b 1b} --out "$out/gpu.json" ${SKIP:+--skip $SKIP} ${PROFILE:+--profile} 2>&1 | tee "$out/gpu.log"
+if [ "${BENCH:-1}" != 0 ]; then
+    timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.gpu --sizes ${SIZES:-8b 1b} --out "$out/gpu.json" ${SKIP:+--skip $SKIP} \
+        ${PROFILE:+--profile} 2>&1 | tee "$out/gpu.log"
+    status=$?
+fi
+if [ -n "$PRODUCTS" ]; then
+    timeout "${PRODUCTS_TIMEOUT:-55}" python3 -m bench.lora_products --out "$out/lora-products.json" 2>&1 | tee "$out/lora-products.log"
+fi
+exit ${status:-0}

@@ -114,3 +114,20 @@ def test_the_trainers_8bit_optimizer_registry_is_cleared_after_its_run():
     forget_8bit_overrides()
     gc.collect()
     assert weight() is None
+
+
+def test_lora_products_bench_times_every_variant_and_each_computes_the_product(tmp_path):
+    """bench/lora_products.py's CPU path (eager, small shapes, the compiled variants included)."""
+    out = tmp_path / "products.json"
+    done = subprocess.run([sys.executable, "-m", "bench.lora_products", "--out", str(out), "--compiled"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cases = {case["kind"]: case for case in json.loads(out.read_text())["cases"]}
+    expected = {"shrink": {"mm_At", "mm_A_x", "mv", "mul_sum", "mul_sum_compiled"},
+                "expand": {"addmm_", "addmv_", "mul_sum_add_compiled"}}
+    assert {kind: set(case["variants"]) for kind, case in cases.items()} == expected
+    for kind, case in cases.items():
+        for name, figures in case["variants"].items():
+            assert figures["us_per_call"] > 0 and figures["max_rel_error"] < 1e-4, (kind, name)
+        current = {"shrink": "mm_At", "expand": "addmm_"}[kind]
+        assert case["variants"][current]["vs_current"] == 1.0
