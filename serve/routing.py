@@ -57,6 +57,18 @@ of up to its MAX_ROWS rows, torch ops for the rest; experimental until bench-gpu
 BASE = -1
 """`LoraRouter.single` when every row uses the base alone."""
 
+SHRINKS = {
+    "mm": torch.mm,
+    "mm_A_x": lambda x2, At: torch.mm(At.t(), x2.t()).t() if x2.shape[0] == 1 else torch.mm(x2, At),
+    "mv": lambda x2, At: torch.mv(At.t(), x2[0]).unsqueeze(0) if x2.shape[0] == 1 else torch.mm(x2, At),
+}
+"""How the one-adapter path computes `x·Aᵀ` ([rows, in] times one slot's [in, R] block, a
+transposed view of its contiguous rows): `LoraRouter(shrink=...)`. For a single row (a batch-1
+decode step) the same product can go to cuBLAS the other way round, or as a matrix-vector
+product; on an H100 `mm` ran as a split-K GEMM plus a reduction kernel, about 5.9 µs for 0.1 µs
+of memory traffic (bench-gpu run 1's profile), and the bench times the others beside it. More
+rows always take `mm`."""
+
 PACKED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling layers that transformers' decoder blocks call on one and the same input tensor. Only a
 hint: a group's shared product is reused only for that very tensor (see `InputGroup.shares`)."""
@@ -66,8 +78,8 @@ class InputGroup:
     """Adapted sibling layers that take the same input: their A stacks are one tensor, and one
     product `x·Aᵀ` serves all of them, each reading its own R columns per slot."""
 
-    def __init__(self, A: torch.Tensor, members: int, rank: int):
-        self.A = A
+    def __init__(self, A: torch.Tensor, members: int, rank: int, shrink=torch.mm):
+        self.A, self.shrink = A, shrink
         """[slots·M·R, in]: slot s, member m owns rows (s·M + m)·R .. (s·M + m)·R + R."""
         self.members, self.rank = members, rank
         self.slots = A.shape[0] // (members * rank)
@@ -87,7 +99,7 @@ class InputGroup:
         version = -2 if x.is_inference() else x._version  # inference tensors keep no version counter
         if not (self._x is x and self._version == version and self._rows_set == rows_set):
             if slot is not None:
-                self._shares = torch.mm(x2, self.At[slot]).split(self.rank, dim=1)
+                self._shares = self.shrink(x2, self.At[slot]).split(self.rank, dim=1)
             else:
                 hidden = torch.mm(x2, self.A.t())  # [rows, slots·M·R]
                 self._shares = hidden.view(batch, -1, self.slots, self.members, self.rank).unbind(3)
@@ -148,7 +160,7 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if stacks.group is not None:  # [rows, R]: this member's columns of the group's product
             hidden = stacks.group.shares(x, x2, slot, router.rows_set, 0)[stacks.member]
         else:
-            hidden = torch.mm(x2, stacks.At[slot])
+            hidden = router.shrink_product(x2, stacks.At[slot])
         return _add_product(result, hidden, stacks.Bts[slot], stacks.scale[slot])
     if router.use_groups(x2.shape[0]):  # a long mixed prefill: each adapter's own rows only
         return _add_grouped(router, stacks, x.to(x2.dtype), result)
@@ -187,11 +199,17 @@ def _add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
 
 class LoraRouter:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, group_inputs: bool | None = None,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", shrink: str = "mm"):
         self.check_kernel(kernel)
+        if shrink not in SHRINKS:
+            raise ValueError(f"LoRA shrink {shrink!r}: expected one of {', '.join(SHRINKS)}")
         self.model = model
         self.kernel = kernel
         """Which fused kernel adds the delta where it can (`KERNELS`)."""
+        self.shrink = shrink
+        """How the torch path's one-adapter steps compute `x·Aᵀ` (`SHRINKS`)."""
+        self.shrink_product = SHRINKS[shrink]
+        """That function (set again by each rebuild, after `restacked(shrink=...)`)."""
         self.dtype = dtype
         """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
         self.group_inputs = group_inputs
@@ -250,6 +268,7 @@ class LoraRouter:
         self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
         self._scale_vectors = []
         self._device, self._dtype = self._placement(layers)
+        self.shrink_product = SHRINKS[self.shrink]
         grouping = self._pick_kernel()
         place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
         self._input_groups = []
@@ -266,7 +285,7 @@ class LoraRouter:
 
     @contextmanager
     def restacked(self, **settings):
-        """The router with `settings` (its `kernel`, `group_inputs`) for a while: restacked with
+        """The router with `settings` (its `kernel`, `group_inputs`, `shrink`) for a while: restacked with
         them, then with what it had. For comparing paths on one model (bench-gpu, the tests);
         nothing else may route through it meanwhile."""
         before = {name: getattr(self, name) for name in settings}
@@ -359,7 +378,7 @@ class LoraRouter:
         base = members[0].get_base_layer()
         rows = len(self.keys) * len(members) * self.rank
         A = torch.zeros(rows, base.in_features, dtype=self._dtype, device=base.weight.device)
-        return InputGroup(A, len(members), self.rank)
+        return InputGroup(A, len(members), self.rank, self.shrink_product)
 
     def _stack(self, layer: LoraLayer, group: InputGroup | None = None, member: int = 0) -> LayerStacks:
         """Stack the resident adapters of one layer (its A in its group's stack, if it has a group),

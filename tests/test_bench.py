@@ -69,16 +69,20 @@ def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
         ratio = serving[f"engine_{k}_adapters_tokens_per_s"] / serving["set_adapter_16_adapters_tokens_per_s"]
         assert serving[f"serve_{k}_adapters_vs_set_adapter"] == round(ratio, 2)
     # The batch-1 target per decode step: the base's and one adapter's steps, eager on the CPU.
-    assert engine_static["step_mode"] == "eager"
-    step_ratio = engine_static["step_batch1_adapter_tokens_per_s"] / engine_static["step_batch1_base_tokens_per_s"]
-    assert abs(engine_static["step_batch1_adapter_vs_base"] - step_ratio) < 0.01
+    steps = engine_static["decode_steps"]
+    assert steps["step_mode"] == "eager"
+    step_ratio = steps["step_batch1_adapter_tokens_per_s"] / steps["step_batch1_base_tokens_per_s"]
+    assert abs(steps["step_batch1_adapter_vs_base"] - step_ratio) < 0.01
+    # ... and the adapter's steps with each way of computing a row's x·Aᵀ (serve.routing.SHRINKS).
+    by_shrink = steps["step_batch1_adapter_by_shrink"]
+    assert sorted(by_shrink) == ["mm", "mm_A_x", "mv"] and all(run["tokens_per_s"] > 0 for run in by_shrink.values())
     # The share of the bandwidth bound at batch 1, from each base rate measured, against the copy
     # bandwidth the run measured.
     bandwidth = json.loads(out.read_text())["copy_bandwidth_gb_s"] * 1e9
     shares = serving["bandwidth_bound_share_batch1_base"]
     rates = {"hf_generate": serving["decode_base_tokens_per_s"],
              "server_static_slots": engine_static["engine_static_batch1_base_tokens_per_s"],
-             "decode_step": engine_static["step_batch1_base_tokens_per_s"]}
+             "decode_step": steps["step_batch1_base_tokens_per_s"]}
     assert sorted(shares) == sorted(rates)
     for path, rate in rates.items():
         assert abs(shares[path] - rate * serving["weight_bytes_per_token"] / bandwidth) < 0.0015 + 0.01 * shares[path], path

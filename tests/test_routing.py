@@ -178,6 +178,33 @@ def test_shared_inputs_take_one_product_per_group(engine, monkeypatch, names):
     assert counts[0] - counts[1] == 3 * engine.base.model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared-inputs"])
+@pytest.mark.parametrize("shrink", sorted(routing.SHRINKS))
+def test_each_shrink_matches_peft_on_one_row(engine, tiny_base, mixed_ranks, monkeypatch, shrink, shared):
+    """Each way of computing a row's x·Aᵀ on the one-adapter path gives peft's logits, for a
+    decode step's single row (where it is used) and for a prefill's several (where `mm` is)."""
+    calls = []
+    product = routing.SHRINKS[shrink]
+    monkeypatch.setitem(routing.SHRINKS, shrink, lambda x2, At: calls.append(x2.shape[0]) or product(x2, At))
+    for ids in (torch.tensor([[7]]), torch.tensor([[7, 9, 11]])):
+        mask = torch.ones_like(ids)
+        expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["small"])
+        routed_logits(engine, ids, mask, ["small"])  # makes the adapter resident: the router now exists
+        router = engine._router
+        with router.restacked(shrink=shrink, group_inputs=shared):
+            router.lora_add = None  # the torch path, where the choice applies
+            got = routed_logits(engine, ids, mask, ["small"])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # Per block 7 adapted layers, one product each; sharing, q/k/v take one and gate/up another.
+    products = engine.base.model.config.num_hidden_layers * (4 if shared else 7)
+    assert calls == [1] * products + [3] * products
+
+
+def test_a_shrink_choice_is_checked():
+    with pytest.raises(ValueError, match="LoRA shrink 'fast'.*mm, mm_A_x, mv"):
+        routing.LoraRouter(torch.nn.Linear(2, 2), shrink="fast")
+
+
 def test_the_adapters_change_the_logits(engine, tiny_base, mixed_ranks):
     """Guards the comparison above: with adapters that were no-ops it would pass trivially."""
     ids, mask = batch(engine, 3)
