@@ -36,6 +36,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.profiling import synchronize
+from serve.routing import SHRINKS
 
 REPEATS = 100
 """Products per captured graph (and per timed loop on the CPU)."""
@@ -68,19 +69,21 @@ CURRENT = {"shrink": "mm_At", "expand": "addmm_"}
 """What serve/routing.py's one-adapter path runs; the ratios are against it."""
 
 
+ROUTER_SHRINKS = {"mm_At": "mm", "mm_A_x": "mm_A_x", "mv": "mv"}
+"""This bench's names for the ways serve/routing.py can take (`SHRINKS`), which it times as they are."""
+
+
+def _mul_sum(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    return (A * x).sum(-1, dtype=torch.float32).to(A.dtype).unsqueeze(0)
+
+
 def shrink_variants(A: torch.Tensor, compiled: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Ways to compute x·Aᵀ for x [1, in] and A [rows, in]: each returns [1, rows]."""
     At = A.t()  # the router's per-slot view
-    variants = {
-        "mm_At": lambda x: torch.mm(x, At),
-        "mm_A_x": lambda x: torch.mm(A, x.t()).t(),
-        "mv": lambda x: torch.mv(A, x[0]).unsqueeze(0),
-        "mul_sum": lambda x: (A * x).sum(-1, dtype=torch.float32).to(A.dtype).unsqueeze(0),
-    }
+    variants = {name: (lambda x, way=SHRINKS[way]: way(x, At)) for name, way in ROUTER_SHRINKS.items()}
+    variants["mul_sum"] = functools.partial(_mul_sum, A=A)
     if compiled:
-        fused = torch.compile(lambda x, A: (A * x).sum(-1, dtype=torch.float32).to(A.dtype).unsqueeze(0),
-                              dynamic=False, fullgraph=True)
-        variants["mul_sum_compiled"] = lambda x: fused(x, A)
+        variants["mul_sum_compiled"] = functools.partial(torch.compile(_mul_sum, dynamic=False, fullgraph=True), A=A)
     return variants
 
 

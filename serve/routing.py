@@ -208,8 +208,8 @@ class LoraRouter:
         """Which fused kernel adds the delta where it can (`KERNELS`)."""
         self.shrink = shrink
         """How the torch path's one-adapter steps compute `x·Aᵀ` (`SHRINKS`)."""
-        self.shrink_product = SHRINKS[shrink]
-        """That function (set again by each rebuild, after `restacked(shrink=...)`)."""
+        self.shrink_product = None
+        """That function: set by each rebuild (so `restacked(shrink=...)` takes effect)."""
         self.dtype = dtype
         """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
         self.group_inputs = group_inputs
