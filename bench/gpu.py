@@ -500,8 +500,8 @@ def _static_runs(engine: Engine, cases: dict[str, list], tokens: int,
     in each of `modes` (default: eagerly and, on a GPU, replayed from a captured graph):
     {(case, mode): run}. The caller holds the engine's lock, with the adapters resident."""
     tokenizer, device = engine.base.tokenizer, engine.base.device
-    return {(case, mode): static_decode(engine.route(keys), prompt_ids(tokenizer, len(keys), device), tokens,
-                                        graph=mode == "graphed")
+    return {(case, mode): static_decode(engine.route(keys, replayed=mode == "graphed"), prompt_ids(tokenizer, len(keys), device),
+                                        tokens, graph=mode == "graphed")
             for case, keys in cases.items() for mode in modes or _static_modes(device)}
 
 
@@ -510,14 +510,15 @@ def bench_decode_steps(engine: Engine, entry, tokens: int) -> dict:
     slots, replayed from a captured graph on a GPU (as the server's default runs them; eager on
     the CPU), with no server, prefill or sampling around them. Then the adapter's steps with each
     way the torch path can compute a row's `x·Aᵀ` (`serve.routing.SHRINKS`; on the CPU its fused
-    kernel is set aside for them): `mm` is the default's path on a GPU, so it measures that twice."""
+    kernel is set aside for them): one of them is the default's (`step_shrink`), measured twice."""
     mode = _static_modes(engine.base.device)[-1]
     cases = {"base": [None], "adapter": [entry.key]}
     with engine._lock:
         engine._make_resident([entry])
         runs = _static_runs(engine, cases, tokens, modes=(mode,))
     base, adapter = runs["base", mode].steps_per_s, runs["adapter", mode].steps_per_s
-    return {"step_mode": mode, "step_batch1_base_tokens_per_s": round(base, 1),
+    return {"step_mode": mode, "step_shrink": engine._router._shrink_names()[mode == "graphed"],
+            "step_batch1_base_tokens_per_s": round(base, 1),
             "step_batch1_adapter_tokens_per_s": round(adapter, 1), "step_batch1_adapter_vs_base": round(adapter / base, 3),
             # apart: if a way fails on the GPU, the figures above still count
             "step_batch1_adapter_by_shrink": attempt(lambda: _steps_by_shrink(engine, entry, tokens, mode, base))}
@@ -608,7 +609,7 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
         with router.restacked(kernel="triton"):
             for config in KERNEL_SWEEP:
                 router.lora_add = functools.partial(lora_triton.lora_add_, config=config)
-                sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"]),
+                sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"], replayed=mode == "graphed"),
                                               prompt_ids(engine.base.tokenizer, 1, engine.base.device),
                                               tokens if mode == "graphed" else 4, graph=mode == "graphed")
     out: dict = {"kernel_answers": {"taken": answers[True], "declined": answers[False]}}

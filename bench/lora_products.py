@@ -8,9 +8,10 @@ of the first (q/k/v and gate/up share theirs) and 7 of the second. This script t
 shapes of the 8B shape at r=16, each way of computing them:
 
   shrink  h = x·Aᵀ, x [1, in], A [rows, in] (the router's stacks): `mm_At` (what
-          serve/routing.py runs), `mm_A_x` (the same product the other way round), `mv`,
-          `mul_sum` (elementwise, then a float32 sum), and `mul_sum_compiled` (Inductor fuses
-          it into one reduction kernel)
+          serve/routing.py runs outside CUDA graphs), `mm_A_x` (the same product the other way
+          round), `mv`, `mul_sum` (elementwise, then a float32 sum), and `reduce` (the same
+          fused by Inductor into one reduction kernel: the router's choice in replayed steps on
+          a GPU since run 5, where this script measured it as `mul_sum_compiled`)
   expand  y += s·h·Bᵀ, h [1, R], Bᵀ [R, out]: `addmm_` (serve/routing.py's), `addmv_`,
           `mul_sum_add_compiled` (one fused kernel that also adds)
 
@@ -69,7 +70,7 @@ CURRENT = {"shrink": "mm_At", "expand": "addmm_"}
 """What serve/routing.py's one-adapter path runs; the ratios are against it."""
 
 
-ROUTER_SHRINKS = {"mm_At": "mm", "mm_A_x": "mm_A_x", "mv": "mv"}
+ROUTER_SHRINKS = {"mm_At": "mm", "mm_A_x": "mm_A_x", "mv": "mv", "reduce": "reduce"}
 """This bench's names for the ways serve/routing.py can take (`SHRINKS`), which it times as they are."""
 
 
@@ -80,10 +81,9 @@ def _mul_sum(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 def shrink_variants(A: torch.Tensor, compiled: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Ways to compute x·Aᵀ for x [1, in] and A [rows, in]: each returns [1, rows]."""
     At = A.t()  # the router's per-slot view
-    variants = {name: (lambda x, way=SHRINKS[way]: way(x, At)) for name, way in ROUTER_SHRINKS.items()}
+    variants = {name: (lambda x, way=SHRINKS[way]: way(x, At)) for name, way in ROUTER_SHRINKS.items()
+                if compiled or name != "reduce"}
     variants["mul_sum"] = functools.partial(_mul_sum, A=A)
-    if compiled:
-        variants["mul_sum_compiled"] = functools.partial(torch.compile(_mul_sum, dynamic=False, fullgraph=True), A=A)
     return variants
 
 

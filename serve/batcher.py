@@ -319,7 +319,7 @@ class ContinuousBatcher:
         router = self.engine._router
         if self.graphs is not None and router is not None:
             router.fix_masks(slots.capacity)  # a replayed step reads its rows' masks where it saw them
-        model = causal_lm(self.engine.route(keys + keys[:1] * (rows - n)))
+        model = causal_lm(self.engine.route(keys + keys[:1] * (rows - n), replayed=self.graphs is not None))
         slots.set_tokens([s.tokens[-1] for s in self._running])
         if self.graphs is None:
             return slots.step(model, rows)[:n]

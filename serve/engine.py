@@ -180,11 +180,12 @@ class Engine:
             self._router = self._router or LoraRouter(self._model, self.base.compute_dtype, kernel=self.lora_kernel)
             self._router.rebuild(self.cache.resident())
 
-    def route(self, keys: list[str | None]) -> torch.nn.Module:
-        """The model to run for rows that use these adapter keys (None: the base alone)."""
+    def route(self, keys: list[str | None], replayed: bool = False) -> torch.nn.Module:
+        """The model to run for rows that use these adapter keys (None: the base alone).
+        replayed: the step is captured as a CUDA graph, or is the run before its capture (`LoraRouter.set_rows`)."""
         if self._model is None:
             return self.base.model
-        self._router.set_rows(keys)
+        self._router.set_rows(keys, replayed)
         return self._model
 
     def resident(self) -> list[str]:

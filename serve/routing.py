@@ -10,8 +10,10 @@ same few operations per layer however many adapters the batch mixes:
   `scale·(x·Aₛᵀ)·Bₛ` for its own slot s and adds it to the base layer's output; on a GPU, when
   asked for (`kernel="triton"`), a Triton kernel that does the same for decode steps of a few rows;
 - otherwise (a GPU, other dtypes, long prefills) torch ops: when every row uses one adapter, two
-  matrix products with that slot's own blocks; when rows mix adapters, `h = x·Aᵀ` for every slot
-  at once, `h *= mask` (each row keeps its own slot's columns, times its alpha/r), `y += h·Bᵀ`.
+  matrix products with that slot's own blocks (for a single row in a step replayed from a CUDA
+  graph, the first is a compiled reduction: `SHRINKS`, `auto_shrinks`); when rows mix adapters,
+  `h = x·Aᵀ` for every slot at once, `h *= mask` (each row keeps its own slot's columns, times
+  its alpha/r), `y += h·Bᵀ`.
 
 When every row uses the base, nothing is added. The stacks are the only copy of the adapters'
 weights on the device: peft's own A and B are views into them.
@@ -29,6 +31,7 @@ embedding LoRA, modules_to_save).
 
 from __future__ import annotations
 
+import functools
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,17 +60,60 @@ of up to its MAX_ROWS rows, torch ops for the rest; experimental until bench-gpu
 BASE = -1
 """`LoraRouter.single` when every row uses the base alone."""
 
+
+def _row_reduce(x2: torch.Tensor, At: torch.Tensor) -> torch.Tensor:
+    """x2 [1, in] times At [in, R]: each of Aᵀ's R columns times the row, summed over `in` in float32."""
+    return (At.t() * x2).sum(-1, dtype=torch.float32).to(At.dtype).unsqueeze(0)
+
+
+REDUCE_RECOMPILE_LIMIT = 64
+"""Shapes `reduce` compiles for before dynamo runs new ones eagerly: a Llama block has four
+(in, M·R) shapes per rank R (q/k/v, o, gate/up, down), and the rank changes with the largest
+resident adapter, which would soon pass dynamo's default of 8 per function."""
+
+
+@functools.cache
+def _compiled_row_reduce():
+    # Made on first use: importing torch's compiler is not free, and only GPU replayed steps need it.
+    return torch.compile(_row_reduce, dynamic=False, fullgraph=True)
+
+
+def _reduce(x2: torch.Tensor, At: torch.Tensor) -> torch.Tensor:
+    if x2.shape[0] != 1:
+        return torch.mm(x2, At)
+    # suppress_errors: a compiler that fails here (no working Triton, say) logs it and the same
+    # product runs eagerly, rather than failing the step and with it the server's CUDA graphs
+    with torch._dynamo.config.patch(recompile_limit=REDUCE_RECOMPILE_LIMIT, suppress_errors=True):
+        return _compiled_row_reduce()(x2, At)
+
+
 SHRINKS = {
     "mm": torch.mm,
     "mm_A_x": lambda x2, At: torch.mm(At.t(), x2.t()).t() if x2.shape[0] == 1 else torch.mm(x2, At),
     "mv": lambda x2, At: torch.mv(At.t(), x2[0]).unsqueeze(0) if x2.shape[0] == 1 else torch.mm(x2, At),
+    "reduce": _reduce,
 }
 """How the one-adapter path computes `x·Aᵀ` ([rows, in] times one slot's [in, R] block, a
 transposed view of its contiguous rows): `LoraRouter(shrink=...)`. For a single row (a batch-1
-decode step) the same product can go to cuBLAS the other way round, or as a matrix-vector
-product; on an H100 `mm` ran as a split-K GEMM plus a reduction kernel, about 5.9 µs for 0.1 µs
-of memory traffic (bench-gpu run 1's profile), and the bench times the others beside it. More
-rows always take `mm`."""
+decode step) cuBLAS runs `mm` as a split-K GEMM plus a reduction kernel, about 5.9 µs for 0.1 µs
+of memory traffic on an H100 (bench-gpu run 1's profile); `mm_A_x` and `mv` hand it the product
+the other way round and as a matrix-vector product, and were no faster in a decode step (run 5). `reduce` is one
+kernel that Inductor generates (torch.compile) for the elementwise product and its sum: 1.8 to
+3.4 µs against mm's 5.3 to 6.6 (run 5, bench/lora_products.py, in CUDA graphs). Its call costs
+dynamo's guards and Inductor's wrapper on the host, about 25 µs on the CI machine against
+1.4 µs for `mm`, which only a replayed graph skips. More rows always take `mm`."""
+
+SHRINK_CHOICES = ("auto", *SHRINKS)
+"""`LoraRouter(shrink=...)`: auto picks per step (`auto_shrinks`), the others apply to every step."""
+
+
+def auto_shrinks(device: torch.device) -> tuple[str, str]:
+    """auto's shrink for (steps launched from Python, steps replayed from CUDA graphs) on `device`:
+    `reduce` only where its host cost is never paid, in replayed steps, and only on a CUDA device
+    with Triton for Inductor to write the kernel in; `mm` everywhere else."""
+    replayed = "reduce" if device.type == "cuda" and lora_triton.available() else "mm"
+    return "mm", replayed
+
 
 PACKED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling layers that transformers' decoder blocks call on one and the same input tensor. Only a
@@ -199,17 +245,20 @@ def _add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
 
 class LoraRouter:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, group_inputs: bool | None = None,
-                 kernel: str = "auto", shrink: str = "mm"):
+                 kernel: str = "auto", shrink: str = "auto"):
         self.check_kernel(kernel)
-        if shrink not in SHRINKS:
-            raise ValueError(f"LoRA shrink {shrink!r}: expected one of {', '.join(SHRINKS)}")
+        if shrink not in SHRINK_CHOICES:
+            raise ValueError(f"LoRA shrink {shrink!r}: expected one of {', '.join(SHRINK_CHOICES)}")
         self.model = model
         self.kernel = kernel
         """Which fused kernel adds the delta where it can (`KERNELS`)."""
         self.shrink = shrink
-        """How the torch path's one-adapter steps compute `x·Aᵀ` (`SHRINKS`)."""
+        """How the torch path's one-adapter steps compute a row's `x·Aᵀ` (`SHRINK_CHOICES`)."""
+        self._shrink_products: tuple = (None, None)
+        """The `SHRINKS` functions for steps launched from Python and for replayed ones: set by
+        each rebuild (so `restacked(shrink=...)` takes effect)."""
         self.shrink_product = None
-        """That function: set by each rebuild (so `restacked(shrink=...)` takes effect)."""
+        """The one the current rows use (`set_rows`)."""
         self.dtype = dtype
         """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
         self.group_inputs = group_inputs
@@ -268,7 +317,8 @@ class LoraRouter:
         self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
         self._scale_vectors = []
         self._device, self._dtype = self._placement(layers)
-        self.shrink_product = SHRINKS[self.shrink]
+        self._shrink_products = tuple(SHRINKS[name] for name in self._shrink_names())
+        self.shrink_product = self._shrink_products[0]
         grouping = self._pick_kernel()
         place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
         self._input_groups = []
@@ -298,6 +348,10 @@ class LoraRouter:
             for name, value in before.items():
                 setattr(self, name, value)
             self.rebuild(self.keys)
+
+    def _shrink_names(self) -> tuple[str, str]:
+        """(eager, replayed) steps' shrinks, for stacks on `_device`."""
+        return auto_shrinks(self._device) if self.shrink == "auto" else (self.shrink, self.shrink)
 
     def _pick_kernel(self) -> bool:
         """Set `lora_add` and `kernel_rows` for the stacks about to be built (on `_device`, in
@@ -415,8 +469,11 @@ class LoraRouter:
                            [A_rows[i : i + R].t() for i in starts], [Bt[i * R : i * R + R] for i in range(slots)],
                            self._scale_vectors.index(scale), group, member)
 
-    def set_rows(self, keys: list[str | None]) -> None:
-        """One adapter key per row of the next forward; None routes the row to the base."""
+    def set_rows(self, keys: list[str | None], replayed: bool = False) -> None:
+        """One adapter key per row of the next forward; None routes the row to the base.
+        replayed: the forward is captured as a CUDA graph to be replayed, or is the run before
+        such a capture (it must compute the same way), which may pick another shrink."""
+        self._use_shrink(self._shrink_products[replayed])
         slot = {key: i for i, key in enumerate(self.keys)}
         slots = [BASE if key is None else slot[key] for key in keys]
         self._slots, self._masks, self._groups = slots, None, None
@@ -430,6 +487,12 @@ class LoraRouter:
             for fixed, scale in zip(self._fixed, self._scale_vectors):
                 fixed[: len(slots)].copy_(self._make_mask(scale))
             self._masks = [fixed[: len(slots)] for fixed in self._fixed]
+
+    def _use_shrink(self, product) -> None:
+        if product is not self.shrink_product:
+            self.shrink_product = product
+            for group in self._input_groups:
+                group.shrink = product
 
     def use_groups(self, rows: int) -> bool:
         """Whether a mixed step of `rows` rows computes each adapter's rows apart (`_add_grouped`)

@@ -2,7 +2,7 @@
 CUDA graph and replayed (`ContinuousBatcher(..., decode=DecodeSettings(static_cache=True))`).
 
 Why: on a GPU the eager decode loop is bound by the host launching kernels one by one. On an H100
-(8B shape, `bench/results/gpu-nvidia-h100-80gb-hbm3-serving-rerun.json`) a replayed graph decoded
+(8B shape, `bench/results/gpu-nvidia-h100-80gb-hbm3-run2-serving.json`) a replayed graph decoded
 6-7x faster at batch 1 and 3.5-5.5x at batch 16 than the same steps launched from Python, with
 the same tokens. A graph replays fixed kernels on fixed addresses, so everything a step touches
 must keep its shape and storage from step to step:

@@ -55,11 +55,12 @@ def peft_logits(tiny_base, store: AdapterStore, ids, mask, adapter_names: list[s
         return model(input_ids=ids, attention_mask=mask, adapter_names=adapter_names).logits
 
 
-def routed_logits(engine: Engine, ids, mask, names: list[str]) -> torch.Tensor:
+def routed_logits(engine: Engine, ids, mask, names: list[str], replayed: bool = False) -> torch.Tensor:
     entries = [None if n == "base" else engine.registry.resolve(n) for n in names]
     with torch.no_grad():
         engine._make_resident([e for e in entries if e is not None])
-        return engine.route([e.key if e else None for e in entries])(input_ids=ids, attention_mask=mask).logits
+        model = engine.route([e.key if e else None for e in entries], replayed=replayed)
+        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +202,56 @@ def test_each_shrink_matches_peft_on_one_row(engine, tiny_base, mixed_ranks, mon
 
 
 def test_a_shrink_choice_is_checked():
-    with pytest.raises(ValueError, match="LoRA shrink 'fast'.*mm, mm_A_x, mv"):
+    with pytest.raises(ValueError, match="LoRA shrink 'fast'.*auto, mm, mm_A_x, mv, reduce"):
         routing.LoraRouter(torch.nn.Linear(2, 2), shrink="fast")
+
+
+def test_auto_takes_the_compiled_reduction_only_for_replayed_steps_on_a_gpu(monkeypatch):
+    """(eager steps, replayed steps): the compiled kernel's host cost is paid only outside a graph."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(routing.lora_triton, "available", lambda: True)
+    assert routing.auto_shrinks(cuda) == ("mm", "reduce")
+    assert routing.auto_shrinks(cpu) == ("mm", "mm")
+    monkeypatch.setattr(routing.lora_triton, "available", lambda: False)  # Inductor writes it in Triton
+    assert routing.auto_shrinks(cuda) == ("mm", "mm")
+
+
+def test_reduce_computes_the_product_and_survives_a_failing_compiler(monkeypatch):
+    x2, A = torch.randn(1, 64), torch.randn(48, 64)
+    expected = x2 @ A.t()
+    torch.testing.assert_close(routing.SHRINKS["reduce"](x2, A.t()), expected)
+    assert routing.SHRINKS["reduce"](torch.randn(3, 64), A.t()).shape == (3, 48)  # more rows: mm
+
+    def broken(graph, inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(routing, "_compiled_row_reduce", lambda: torch.compile(routing._row_reduce, backend=broken))
+    torch.testing.assert_close(routing.SHRINKS["reduce"](x2, A.t()), expected)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared-inputs"])
+def test_replayed_steps_take_the_replayed_shrink(engine, tiny_base, mixed_ranks, monkeypatch, shared):
+    """Rows set for a replayed step (and the run before its capture) compute x·Aᵀ with auto's
+    second choice, input groups included; the next eager step goes back to the first. Here
+    `mv` stands in for the GPU's compiled reduction, and both give peft's logits."""
+    calls = {"mm": 0, "mv": 0}
+    for name in calls:
+        product = routing.SHRINKS[name]
+        monkeypatch.setitem(routing.SHRINKS, name,
+                            lambda x2, At, name=name, product=product: calls.__setitem__(name, calls[name] + 1) or product(x2, At))
+    monkeypatch.setattr(routing, "auto_shrinks", lambda device: ("mm", "mv"))
+    ids = torch.tensor([[7]])
+    mask = torch.ones_like(ids)
+    expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["small"])
+    routed_logits(engine, ids, mask, ["small"])  # makes the adapter resident: the router now exists
+    products = engine.base.model.config.num_hidden_layers * (4 if shared else 7)
+    with engine._router.restacked(shrink="auto", group_inputs=shared) as router:
+        router.lora_add = None  # the torch path, where the choice applies
+        for replayed, used, unused in ((True, "mv", "mm"), (False, "mm", "mv"), (True, "mv", "mm")):
+            before = dict(calls)
+            got = routed_logits(engine, ids, mask, ["small"], replayed=replayed)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            assert (calls[used] - before[used], calls[unused] - before[unused]) == (products, 0)
 
 
 def test_the_adapters_change_the_logits(engine, tiny_base, mixed_ranks):
