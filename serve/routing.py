@@ -124,8 +124,8 @@ class InputGroup:
     """Adapted sibling layers that take the same input: their A stacks are one tensor, and one
     product `x·Aᵀ` serves all of them, each reading its own R columns per slot."""
 
-    def __init__(self, A: torch.Tensor, members: int, rank: int, shrink=torch.mm):
-        self.A, self.shrink = A, shrink
+    def __init__(self, A: torch.Tensor, members: int, rank: int):
+        self.A = A
         """[slots·M·R, in]: slot s, member m owns rows (s·M + m)·R .. (s·M + m)·R + R."""
         self.members, self.rank = members, rank
         self.slots = A.shape[0] // (members * rank)
@@ -136,16 +136,18 @@ class InputGroup:
     def clear(self) -> None:
         self._x, self._shares, self._rows_set, self._version, self._left = None, (), -1, -1, 0
 
-    def shares(self, x: torch.Tensor, x2: torch.Tensor, slot: int | None, rows_set: int, batch: int) -> tuple:
-        """Each member's share of `x2·Aᵀ`: with one slot for every row, [rows, R] per member; with
-        mixed rows (slot None), [batch, seq, slots, R] per member, every slot's columns. Computed
+    def shares(self, x: torch.Tensor, x2: torch.Tensor, slot: int | None, rows_set: int, batch: int,
+               shrink=torch.mm) -> tuple:
+        """Each member's share of `x2·Aᵀ`: with one slot for every row, [rows, R] per member (the
+        product computed by `shrink`, a `SHRINKS` function); with mixed rows (slot None), [batch,
+        seq, slots, R] per member, every slot's columns. Computed
         by the first member to see `x` in a step and kept until every member has had its share,
         only for the same tensor, unchanged (its version), in the same step (`rows_set`, which
         `LoraRouter.set_rows` counts): anything else recomputes."""
         version = -2 if x.is_inference() else x._version  # inference tensors keep no version counter
         if not (self._x is x and self._version == version and self._rows_set == rows_set):
             if slot is not None:
-                self._shares = self.shrink(x2, self.At[slot]).split(self.rank, dim=1)
+                self._shares = shrink(x2, self.At[slot]).split(self.rank, dim=1)
             else:
                 hidden = torch.mm(x2, self.A.t())  # [rows, slots·M·R]
                 self._shares = hidden.view(batch, -1, self.slots, self.members, self.rank).unbind(3)
@@ -204,7 +206,7 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     slot = router.single
     if slot is not None:  # one adapter for every row: its own blocks, no mask
         if stacks.group is not None:  # [rows, R]: this member's columns of the group's product
-            hidden = stacks.group.shares(x, x2, slot, router.rows_set, 0)[stacks.member]
+            hidden = stacks.group.shares(x, x2, slot, router.rows_set, 0, router.shrink_product)[stacks.member]
         else:
             hidden = router.shrink_product(x2, stacks.At[slot])
         return _add_product(result, hidden, stacks.Bts[slot], stacks.scale[slot])
@@ -432,7 +434,7 @@ class LoraRouter:
         base = members[0].get_base_layer()
         rows = len(self.keys) * len(members) * self.rank
         A = torch.zeros(rows, base.in_features, dtype=self._dtype, device=base.weight.device)
-        return InputGroup(A, len(members), self.rank, self.shrink_product)
+        return InputGroup(A, len(members), self.rank)
 
     def _stack(self, layer: LoraLayer, group: InputGroup | None = None, member: int = 0) -> LayerStacks:
         """Stack the resident adapters of one layer (its A in its group's stack, if it has a group),
@@ -473,7 +475,7 @@ class LoraRouter:
         """One adapter key per row of the next forward; None routes the row to the base.
         replayed: the forward is captured as a CUDA graph to be replayed, or is the run before
         such a capture (it must compute the same way), which may pick another shrink."""
-        self._use_shrink(self._shrink_products[replayed])
+        self.shrink_product = self._shrink_products[replayed]
         slot = {key: i for i, key in enumerate(self.keys)}
         slots = [BASE if key is None else slot[key] for key in keys]
         self._slots, self._masks, self._groups = slots, None, None
@@ -487,12 +489,6 @@ class LoraRouter:
             for fixed, scale in zip(self._fixed, self._scale_vectors):
                 fixed[: len(slots)].copy_(self._make_mask(scale))
             self._masks = [fixed[: len(slots)] for fixed in self._fixed]
-
-    def _use_shrink(self, product) -> None:
-        if product is not self.shrink_product:
-            self.shrink_product = product
-            for group in self._input_groups:
-                group.shrink = product
 
     def use_groups(self, rows: int) -> bool:
         """Whether a mixed step of `rows` rows computes each adapter's rows apart (`_add_grouped`)
