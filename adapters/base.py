@@ -125,6 +125,22 @@ def _device_map(device: torch.device):
     return {"": "cpu"}
 
 
+def use_exact_4bit_kernels(model: torch.nn.Module) -> int:
+    """Keep every 4-bit layer on bitsandbytes' dequantize-then-matmul path; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first forward in eval
+    mode for a kernel that computes in bf16: a different model from the NF4 weights the adapter
+    was trained against (training runs the exact path), different on CPUs without that
+    instruction set, and stateful: any `state_dict()` (peft calls it when it loads or saves an
+    adapter) unpacks the weight, and the next forward packs it again with a rounding that
+    drifts. The exact path depends on nothing but the weights. docs/architecture.md#exact-4bit
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_base(config: BaseConfig) -> LoadedBase:
     """Load the base model once, frozen, 4-bit unless `config.quantize` is False."""
     device = resolve_device(config.device)
@@ -137,6 +153,7 @@ def load_base(config: BaseConfig) -> LoadedBase:
     model = AutoModelForCausalLM.from_pretrained(config.path, **kwargs)
     model.requires_grad_(False)
     model.eval()
+    use_exact_4bit_kernels(model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedBase(

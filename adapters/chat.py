@@ -7,7 +7,7 @@ Training and serving must turn a conversation into exactly the same tokens, so b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -44,6 +44,25 @@ def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool, 
         add_generation_prompt=add_generation_prompt,
         chat_template=template,
     )
+
+
+def render_template(template: str, messages: Sequence[Message], add_generation_prompt: bool,
+                    special_tokens: Mapping[str, str]) -> str:
+    """What `render` gives for a tokenizer whose special tokens are `special_tokens`, with no tokenizer.
+
+    It runs the renderer `tokenizer.apply_chat_template` runs (transformers' sandboxed jinja
+    environment), so a template can be checked where no tokenizer is loaded. Raises whatever
+    the template raises.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        [[m.as_dict() for m in messages]],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        **special_tokens,
+    )
+    return rendered[0]
 
 
 def encode_prompt(tokenizer, messages: Sequence[Message], template: str | None = None) -> list[int]:

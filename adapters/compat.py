@@ -1,19 +1,43 @@
-"""Is an adapter folder safe to load and does it fit a base? Checked without loading weights."""
+"""Is an adapter folder safe to load and does it fit a base? Checked without touching the engine.
+
+Everything peft's `load_adapter` and the serving engine could fail on, or be corrupted by, is
+checked here when an adapter is registered: the config's types, the rank the tensors really
+have, which modules the config makes peft inject, finite floating-point weights in complete
+A/B pairs, the base the adapter was trained on, and its chat template.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from adapters.card import CARD_FILE, read_card
-from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adapters.card import CARD_FILE, AdapterCard, read_card
+from adapters.chat import Message, render_template
+from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHAT_TEMPLATE_FILE
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 KEY_PREFIX = "base_model.model."
+LORA_PARTS = {".lora_A.weight": 0, ".lora_B.weight": 1}
+"""Tensor key suffix -> its place in a module's (A, B) pair."""
+EMBEDDING_MARK = ".lora_embedding_"
+ALL_LINEAR = "all-linear"
+MAX_LISTED = 3
+"""Modules named in one reason before the rest are counted."""
+
+PROBE_USER = "Probe question: what colour is the sky?"
+PROBE_CONVERSATIONS = (
+    (Message("user", PROBE_USER),),
+    (Message("system", "You are a probe."), Message("user", PROBE_USER)),
+)
+# The registry has no tokenizer; any strings stand in for its special tokens, since a template
+# only concatenates or compares them.
+PROBE_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
 class AdapterCheckError(ValueError):
@@ -28,16 +52,28 @@ class BaseShape:
     architecture: str
     linear_shapes: dict[str, tuple[int, int]]
     """Module name -> (in_features, out_features) for every linear layer."""
+    name_or_path: str = ""
+    """The path or hub id the base was loaded from ('' when unknown)."""
+    output_module: str = ""
+    """The output head's module name, which peft's 'all-linear' leaves out ('' when none)."""
 
     @classmethod
-    def of(cls, model: torch.nn.Module, fingerprint: str) -> "BaseShape":
+    def of(cls, model: torch.nn.Module, fingerprint: str, name_or_path: str | None = None) -> "BaseShape":
+        """The shape of a loaded (or meta-device) model; its path is read from its config unless given."""
         shapes = {
             name: (module.in_features, module.out_features)
             for name, module in model.named_modules()
             if hasattr(module, "in_features") and hasattr(module, "out_features")
         }
         architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
-        return cls(fingerprint, architectures[0], shapes)
+        if name_or_path is None:
+            name_or_path = getattr(model.config, "_name_or_path", "") or ""
+        return cls(fingerprint, architectures[0], shapes, str(name_or_path), _output_module(model))
+
+
+def _output_module(model: torch.nn.Module) -> str:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if head is not None and module is head), "")
 
 
 @dataclass(frozen=True)
@@ -48,86 +84,251 @@ class AdapterShape:
     """Module name -> (in_features, out_features) implied by its lora_A and lora_B."""
     embedding_modules: tuple[str, ...] = ()
     """Modules with embedding LoRA weights (lora_embedding_A/B)."""
+    lora_ranks: dict[str, int] = field(default_factory=dict)
+    """Module name -> the rank its tensors have (lora_A's rows)."""
+    weight_problems: tuple[str, ...] = ()
+    """What is wrong with the tensors themselves (non-finite, unpaired, ...); refused by `check_adapter`."""
+    card: AdapterCard | None = None
+    """The adapter's card; set by `check_adapter` when the folder has one."""
 
+
+# -- the files ------------------------------------------------------------------------------
 
 def read_adapter_files(folder: Path) -> AdapterShape:
-    """Read an adapter's config and tensor shapes, refusing pickles and damaged files."""
+    """Read an adapter's config and tensors, refusing pickles and damaged files.
+
+    AdapterCheckError when the files cannot be read as a LoRA adapter at all; what is wrong with
+    the tensors it does hold goes to its `weight_problems`, which `check_adapter` refuses.
+    """
     folder = Path(folder)
+    _refuse_pickles(folder)
+    _require_files(folder)
+    config = _read_config(folder / ADAPTER_CONFIG)
+    tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
+    embeddings = sorted({key.split(EMBEDDING_MARK)[0].removeprefix(KEY_PREFIX) for key in tensors if EMBEDDING_MARK in key})
+    if not embeddings and not any(_lora_part(key) for key in tensors):
+        raise AdapterCheckError(f"{ADAPTER_WEIGHTS} holds no LoRA A/B matrices")
+    pairs = _lora_pairs(tensors)
+    shapes = {module: (a[1], b[0]) for module, (a, b) in pairs.items()}
+    ranks = {module: a[0] for module, (a, _) in pairs.items()}
+    return AdapterShape(config, shapes, tuple(embeddings), ranks, tuple(tensor_problems(tensors)))
+
+
+def _refuse_pickles(folder: Path) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise AdapterCheckError(
             f"pickled weights {pickles} refused: they can run code when loaded; save as safetensors"
         )
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise AdapterCheckError(f"missing {path.name}")
+
+
+def _require_files(folder: Path) -> None:
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
+    if missing and not any(folder.iterdir()):
+        raise AdapterCheckError(f"empty folder: no {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS} (publish adapters with the store)")
+    if missing:
+        raise AdapterCheckError(f"missing {' and '.join(missing)}")
+
+
+def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterCheckError(f"{ADAPTER_CONFIG} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise AdapterCheckError(f"{ADAPTER_CONFIG} must be a JSON object, not {_json_kind(config)}")
     if config.get("peft_type") != "LORA":
         raise AdapterCheckError(f"{ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    shapes = _tensor_shapes(weights_path)
-    embeddings = sorted({key.split(".lora_embedding_")[0].removeprefix(KEY_PREFIX) for key in shapes if ".lora_embedding_" in key})
-    return AdapterShape(config, _lora_shapes(shapes), tuple(embeddings))
+    return config
 
 
-def _tensor_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+def _json_kind(value: object) -> str:
+    return {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
+
+
+def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in the file (adapters are small enough to read whole)."""
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as err:  # safetensors raises several types (a truncated file included)
         raise AdapterCheckError(f"{ADAPTER_WEIGHTS} is not a readable safetensors file: {err}") from err
 
 
-def _lora_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
-    in_out: dict[str, list[int | None]] = {}
-    for key, shape in shapes.items():
-        for part, index in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-            if key.endswith(part) and len(shape) == 2:
-                module = key[: -len(part)].removeprefix(KEY_PREFIX)
-                pair = in_out.setdefault(module, [None, None])
-                pair[index] = shape[1] if index == 0 else shape[0]
-    if not in_out:
-        raise AdapterCheckError(f"{ADAPTER_WEIGHTS} holds no LoRA A/B matrices")
-    return {m: (a, b) for m, (a, b) in in_out.items()}
+def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Weights the engine must not route: non-float or non-finite values, stray or unpaired tensors."""
+    problems = []
+    not_float = sorted(key for key, t in tensors.items() if not t.dtype.is_floating_point)
+    if not_float:
+        problems.append(f"tensors must be floating point; {_listed(not_float)} are {tensors[not_float[0]].dtype}")
+    not_finite = sorted(key for key, t in tensors.items() if t.dtype.is_floating_point and not torch.isfinite(t.float()).all())
+    if not_finite:
+        problems.append(f"tensors hold NaN or inf values: {_listed(not_finite)}")
+    stray = sorted(key for key in tensors if _lora_part(key) is None and EMBEDDING_MARK not in key)
+    if stray:
+        # peft would drop them, or load full layers into the base every request shares.
+        problems.append(f"tensors that are not LoRA A/B matrices: {_listed(stray)}")
+    problems.extend(_pair_problems(tensors))
+    return problems
 
+
+def _lora_part(key: str) -> tuple[str, int] | None:
+    """(module name, 0 for A or 1 for B) for a LoRA matrix's key; None for any other tensor."""
+    for suffix, index in LORA_PARTS.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)].removeprefix(KEY_PREFIX), index
+    return None
+
+
+def _halves(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, ...] | None]]:
+    """Module -> [lora_A shape [r, in], lora_B shape [out, r]], None for a missing half."""
+    halves: dict[str, list[tuple[int, ...] | None]] = {}
+    for key, tensor in tensors.items():
+        part = _lora_part(key)
+        if part is not None:
+            halves.setdefault(part[0], [None, None])[part[1]] = tuple(tensor.shape)
+    return halves
+
+
+def _pair_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    for module, (a, b) in sorted(_halves(tensors).items()):
+        if a is None or b is None:
+            problems.append(f"{module} has lora_{'B' if a is None else 'A'} but no lora_{'A' if a is None else 'B'}")
+        elif len(a) != 2 or len(b) != 2:
+            problems.append(f"{module}: lora_A {list(a)} and lora_B {list(b)} must be matrices")
+        elif a[0] != b[1]:
+            problems.append(f"{module}: lora_A has rank {a[0]} but lora_B has rank {b[1]}")
+    return problems
+
+
+def _lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Module -> (lora_A shape, lora_B shape) for the complete pairs."""
+    return {m: (a, b) for m, (a, b) in _halves(tensors).items() if a is not None and b is not None}
+
+
+def _listed(items: list[str]) -> str:
+    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+# -- the adapter against a base -------------------------------------------------------------
 
 def check_adapter(folder: Path, base: BaseShape) -> AdapterShape:
-    """Raise AdapterCheckError with every reason the adapter cannot be served on this base."""
+    """Raise AdapterCheckError with every reason the adapter cannot be served on this base.
+
+    Returns the adapter with its card (None when it has none).
+    """
+    folder = Path(folder)
     adapter = read_adapter_files(folder)
-    problems = unservable_variants(adapter)
-    if (Path(folder) / CARD_FILE).is_file():
-        card = read_card(folder)
-        if card.base.fingerprint != base.fingerprint:
-            problems.append(
-                f"trained on base {card.base.path} ({card.base.fingerprint}), "
-                f"served base is {base.fingerprint}"
-            )
-        if card.base.architecture != base.architecture:
-            problems.append(f"architecture {card.base.architecture}, served base is {base.architecture}")
-    for module, (a_in, b_out) in sorted(adapter.lora_shapes.items()):
-        if module not in base.linear_shapes:
-            problems.append(f"targets {module}, which the base does not have")
-            continue
-        want = base.linear_shapes[module]
-        if (a_in, b_out) != want:
-            problems.append(f"{module}: LoRA shapes give {(a_in, b_out)}, the base layer is {want}")
-            if len(problems) > 5:
-                break
+    problems = config_problems(adapter.config) + unservable_variants(adapter) + list(adapter.weight_problems)
+    if not problems:  # the rank and targets are only meaningful in a well-typed config
+        problems += rank_problems(adapter) + target_problems(folder, adapter, base)
+    card, identity = base_identity_problems(folder, adapter.config, base)
+    problems += identity + shape_problems(adapter, base) + template_problems(folder)
     if problems:
         raise AdapterCheckError("; ".join(problems))
-    return adapter
+    return replace(adapter, card=card)
+
+
+def config_problems(config: dict) -> list[str]:
+    """Values in adapter_config.json peft would fail on, or build a broken layer from."""
+    problems = []
+    if not _positive_int(config.get("r")):
+        problems.append(f"r must be a positive integer, got {config.get('r')!r}")
+    if "lora_alpha" in config and not _positive_number(config["lora_alpha"]):
+        problems.append(f"lora_alpha must be a finite positive number, got {config['lora_alpha']!r}")
+    targets = config.get("target_modules")
+    if not (_name(targets) or (isinstance(targets, list) and targets and all(_name(t) for t in targets))):
+        problems.append(f"target_modules must be a module name pattern or a list of module names, got {targets!r}")
+    for key, valid, what in (("rank_pattern", _positive_int, "positive integer ranks"),
+                             ("alpha_pattern", _positive_number, "finite positive alphas")):
+        problems += _pattern_problems(key, config.get(key) or {}, valid, what)
+    return problems
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _name(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _pattern_problems(key: str, pattern: object, valid, what: str) -> list[str]:
+    if not isinstance(pattern, dict) or not all(valid(v) for v in pattern.values()):
+        return [f"{key} must map module names to {what}, got {pattern!r}"]
+    for name in pattern:
+        try:
+            re.compile(name)
+        except re.error as err:
+            return [f"{key} key {name!r} is not a valid pattern: {err}"]
+    return []
+
+
+def rank_problems(adapter: AdapterShape) -> list[str]:
+    """The rank peft will build each layer with (r, or rank_pattern's) must be the tensors' rank."""
+    from peft.utils.other import get_pattern_key  # how peft picks a module's rank_pattern entry
+
+    config = adapter.config
+    pattern = config.get("rank_pattern") or {}
+    wrong = []
+    for module, rank in sorted(adapter.lora_ranks.items()):
+        want = pattern.get(get_pattern_key(pattern.keys(), module), config["r"])
+        if rank != want:
+            wrong.append(f"{module} has rank {rank}, not {want}")
+    if not wrong:
+        return []
+    return [f"{ADAPTER_CONFIG} gives r={config['r']}{' with a rank_pattern' if pattern else ''} "
+            f"but the tensors disagree: {_listed(wrong)}"]
+
+
+def target_problems(folder: Path, adapter: AdapterShape, base: BaseShape) -> list[str]:
+    """peft injects by target_modules: every entry must select a base layer, and every module the
+    tensors hold must be selected (else peft drops its weights)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    try:
+        lora = LoraConfig.from_pretrained(str(folder))  # what the engine's load builds
+    except (TypeError, ValueError, KeyError) as err:
+        return [f"peft refuses {ADAPTER_CONFIG}: {err}"]
+    if isinstance(lora.target_modules, str) and lora.target_modules.lower() == ALL_LINEAR:
+        # peft's expansion of the shorthand: every linear layer but the output head
+        lora.target_modules = set(base.linear_shapes) - {base.output_module}
+    try:
+        unmatched = _unmatched_targets(lora.target_modules, base, adapter.embedding_modules)
+        unselected = [m for m in sorted(adapter.lora_shapes) if m in base.linear_shapes and not check_target_module_exists(lora, m)]
+    except re.error as err:
+        return [f"target_modules {lora.target_modules!r} is not a valid pattern: {err}"]
+    problems = []
+    if unmatched:
+        problems.append(f"target_modules {unmatched} match no linear layer of the base")
+    if unselected:
+        problems.append(f"the weights hold {_listed(unselected)}, which target_modules does not select: peft would not load them")
+    return problems
+
+
+def _unmatched_targets(targets: str | set[str], base: BaseShape, embeddings: tuple[str, ...]) -> list[str]:
+    """Entries of target_modules that select no linear layer (embeddings are refused elsewhere)."""
+    layers = [*base.linear_shapes, *embeddings]
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, layer) for layer in layers) else [targets]
+    return sorted(t for t in targets if not any(layer == t or layer.endswith(f".{t}") for layer in layers))
 
 
 def unservable_variants(adapter: AdapterShape) -> list[str]:
     """What a plain-LoRA adapter does not have and the serving engine cannot compute per request.
 
     The engine adds each row's own scale·B·A to shared linear layers; anything that changes the
-    shared base itself (trained biases, full module copies) or that is not a low-rank product on
-    a linear layer (DoRA's magnitudes, embedding LoRA) would leak into other requests or be
-    silently dropped, so it is refused when the adapter is registered.
+    shared base itself (trained biases, full module copies, trained token rows, replicated
+    layers) or that is not a low-rank product on a linear layer (DoRA's magnitudes, embedding
+    LoRA, LoRA on raw parameters) would leak into other requests or be silently dropped, so it
+    is refused when the adapter is registered.
     """
     config, problems = adapter.config, []
     if config.get("use_dora"):
@@ -138,7 +339,118 @@ def unservable_variants(adapter: AdapterShape) -> list[str]:
         problems.append("trained biases (bias / lora_bias) would change the shared base for every request")
     if adapter.embedding_modules:
         problems.append(f"LoRA on embedding layers {list(adapter.embedding_modules)} is not served (linear layers only)")
+    if config.get("trainable_token_indices"):
+        problems.append("trainable_token_indices would change the shared embedding for every request")
+    if config.get("target_parameters"):
+        problems.append(f"target_parameters {config['target_parameters']}: LoRA on raw parameters is not served (linear layers only)")
+    if config.get("layer_replication"):
+        problems.append("layer_replication would change the shared base's layers for every request")
     return problems
+
+
+def shape_problems(adapter: AdapterShape, base: BaseShape) -> list[str]:
+    """Every module the tensors name exists in the base with the shapes A and B imply."""
+    problems = []
+    for module, (a_in, b_out) in sorted(adapter.lora_shapes.items()):
+        if module not in base.linear_shapes:
+            problems.append(f"targets {module}, which the base does not have")
+            continue
+        want = base.linear_shapes[module]
+        if (a_in, b_out) != want:
+            problems.append(f"{module}: LoRA shapes give {(a_in, b_out)}, the base layer is {want}")
+        if len(problems) > 5:
+            break
+    return problems
+
+
+# -- which base it was trained on -------------------------------------------------------------
+
+def base_identity_problems(folder: Path, config: dict, base: BaseShape) -> tuple[AdapterCard | None, list[str]]:
+    """The card, and why the adapter was trained on another base.
+
+    With a card, its fingerprint and architecture decide (the fingerprint is the stronger identity,
+    so the config's base_model_name_or_path is not consulted). Without one, the config's
+    base_model_name_or_path must name the served base, when both are known.
+    """
+    try:
+        card = read_adapter_card(folder)
+    except AdapterCheckError as err:
+        return None, [str(err)]
+    if card is None:
+        return None, base_name_problems(config, base)
+    problems = []
+    if card.base.fingerprint != base.fingerprint:
+        problems.append(f"trained on base {card.base.path} ({card.base.fingerprint}), served base is {base.fingerprint}")
+    if card.base.architecture != base.architecture:
+        problems.append(f"architecture {card.base.architecture}, served base is {base.architecture}")
+    return card, problems
+
+
+def read_adapter_card(folder: Path) -> AdapterCard | None:
+    """The folder's card, None when it has none; AdapterCheckError when it is not a card."""
+    path = Path(folder) / CARD_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterCheckError(f"{CARD_FILE} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise AdapterCheckError(f"{CARD_FILE} must be a JSON object, not {_json_kind(data)}")
+    try:
+        return read_card(folder)
+    except ValueError as err:
+        raise AdapterCheckError(str(err)) from err
+    except (KeyError, TypeError, AttributeError) as err:  # a part that is not an object, e.g. "base": "x"
+        raise AdapterCheckError(f"{CARD_FILE} is not an adapter card ({type(err).__name__}: {err})") from err
+
+
+def base_name_problems(config: dict, base: BaseShape) -> list[str]:
+    named = config.get("base_model_name_or_path")
+    if not _name(named) or not base.name_or_path or base_names(named) & base_names(base.name_or_path):
+        return []
+    return [f"no {CARD_FILE}, and {ADAPTER_CONFIG} says base_model_name_or_path {named!r}, not the served base "
+            f"{base.name_or_path!r}: serve it on its own base, or, if it was trained on this one, set "
+            f"base_model_name_or_path to {base.name_or_path!r} (or publish it with the card training writes)"]
+
+
+def base_names(name_or_path: str) -> set[str]:
+    """The names a base goes by: as written, its folder's name, and the hub id of a hub-cache snapshot.
+
+    A weak identity (two folders may share a name); the card's fingerprint is the strong one.
+    """
+    text = name_or_path.rstrip("/\\")
+    names = {text, Path(text).name}
+    cached = re.search(r"models--([^/\\]+?)--([^/\\]+)", text)  # .../models--org--name/snapshots/<commit>
+    if cached:
+        names |= {f"{cached[1]}/{cached[2]}", cached[2]}
+    return {n for n in names if n}
+
+
+# -- its chat template ---------------------------------------------------------------------------
+
+def template_problems(folder: Path) -> list[str]:
+    """The adapter's own chat template must render a user turn, its text included. A system turn
+    it may refuse (Gemma's templates raise on one): that is the template's rule, which a request
+    with a system message then meets as a clear error, but what it renders must hold the user's text."""
+    path = Path(folder) / CHAT_TEMPLATE_FILE
+    if not path.exists():
+        return []
+    try:
+        template = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return [f"{CHAT_TEMPLATE_FILE} cannot be read: {err}"]
+    for messages in PROBE_CONVERSATIONS:
+        roles = "+".join(m.role for m in messages)
+        try:
+            text = render_template(template, messages, add_generation_prompt=True, special_tokens=PROBE_SPECIAL_TOKENS)
+        except Exception as err:  # a template is code the adapter brings: whatever it raises refuses the adapter
+            if messages[0].role == "system":
+                continue
+            return [f"{CHAT_TEMPLATE_FILE} fails on a {roles} conversation: {type(err).__name__}: {err}"]
+        if not isinstance(text, str) or PROBE_USER not in text:
+            return [f"{CHAT_TEMPLATE_FILE} renders a {roles} conversation without the user's message"]
+    return []
 
 
 def base_shape_from_config(path: str) -> BaseShape:
@@ -149,4 +461,4 @@ def base_shape_from_config(path: str) -> BaseShape:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    return BaseShape.of(model, base_fingerprint(path))
+    return BaseShape.of(model, base_fingerprint(path), name_or_path=path)

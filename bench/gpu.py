@@ -44,7 +44,7 @@ from bench.decode_graph import static_decode
 from bench.profiling import Window, profile_window, report, synchronize
 from bench.training import BenchSettings, OursRun, run_ours, run_trainer
 from serve.batcher import ContinuousBatcher
-from serve.engine import ChatRequest, Engine, SamplingParams, warm_up
+from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.kernels import lora_triton
 from serve.registry import AdapterRegistry
 from serve.routing import SHRINKS
@@ -471,8 +471,8 @@ def profile_decode(engine: Engine, entries: list, tokens: int) -> list[Window]:
     cases = [("decode base, batch 1", [None]), ("decode one adapter, batch 1", [entries[0].key]),
              ("decode base, batch 16", [None] * 16), ("decode 16 adapters, batch 16", [e.key for e in entries[:16]])]
     windows = []
-    with engine._lock:
-        engine._make_resident(entries)
+    with engine.lock:
+        engine.make_resident(entries)
         for name, keys in cases:
             ids = prompt_ids(tokenizer, len(keys), device)
             run = lambda: forced_generate(engine.route(keys), tokenizer, ids, tokens)  # noqa: E731
@@ -513,11 +513,11 @@ def bench_decode_steps(engine: Engine, entry, tokens: int) -> dict:
     kernel is set aside for them): one of them is the default's (`step_shrink`), measured twice."""
     mode = _static_modes(engine.base.device)[-1]
     cases = {"base": [None], "adapter": [entry.key]}
-    with engine._lock:
-        engine._make_resident([entry])
+    with engine.lock:
+        engine.make_resident([entry])
         runs = _static_runs(engine, cases, tokens, modes=(mode,))
     base, adapter = runs["base", mode].steps_per_s, runs["adapter", mode].steps_per_s
-    return {"step_mode": mode, "step_shrink": engine._router._shrink_names()[mode == "graphed"],
+    return {"step_mode": mode, "step_shrink": engine.router.shrink_names()[mode == "graphed"],
             "step_batch1_base_tokens_per_s": round(base, 1),
             "step_batch1_adapter_tokens_per_s": round(adapter, 1), "step_batch1_adapter_vs_base": round(adapter / base, 3),
             # apart: if a way fails on the GPU, the figures above still count
@@ -526,8 +526,8 @@ def bench_decode_steps(engine: Engine, entry, tokens: int) -> dict:
 
 def _steps_by_shrink(engine: Engine, entry, tokens: int, mode: str, base_steps_per_s: float) -> dict:
     runs = {}
-    with engine._lock:
-        router = engine._router
+    with engine.lock:
+        router = engine.router
         for shrink in SHRINKS:
             with router.restacked(shrink=shrink):
                 router.lora_add = None
@@ -544,8 +544,8 @@ def bench_static_decode(engine: Engine, entries: list, tokens: int) -> dict:
     equal the eager ones. On the CPU only the eager runs (there is nothing to capture)."""
     cases = {"base_batch1": [None], "adapter_batch1": [entries[0].key], "base_batch16": [None] * 16,
              "adapters16_batch16": [e.key for e in entries[:16]]}
-    with engine._lock:
-        engine._make_resident(entries)
+    with engine.lock:
+        engine.make_resident(entries)
         runs = _static_runs(engine, cases, tokens)
     out: dict = {f"{mode}_{case}_tokens_per_s": round(run.steps_per_s * len(cases[case]), 1) for (case, mode), run in runs.items()}
     modes = _static_modes(engine.base.device)
@@ -563,10 +563,10 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
     adapters; eager and, on a GPU, graphed. The tokens must agree."""
     cases = {"adapter_batch1": [entries[0].key], "adapters16_batch16": [e.key for e in entries[:16]]}
     runs = {}
-    with engine._lock:
-        engine._make_resident(entries[:16])
+    with engine.lock:
+        engine.make_resident(entries[:16])
         for shared in (True, False):
-            with engine._router.restacked(group_inputs=shared) as router:
+            with engine.router.restacked(group_inputs=shared) as router:
                 router.lora_add = None  # both ways on the torch paths a GPU runs (the CPU kernel takes no groups)
                 runs[shared] = _static_runs(engine, cases, tokens)
     out = {}
@@ -598,9 +598,9 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
     cases["triton"] = {case: keys for case, keys in cases["torch"].items() if case != "base_batch1"}
     runs, answers, sweep = {}, {True: 0, False: 0}, {}
     mode = _static_modes(engine.base.device)[-1]
-    with engine._lock:
-        engine._make_resident(entries[:4])
-        router = engine._router
+    with engine.lock:
+        engine.make_resident(entries[:4])
+        router = engine.router
         for kernel in ("torch", "triton"):
             with router.restacked(kernel=kernel):
                 if kernel == "triton":
@@ -678,7 +678,7 @@ def _static_batch1_triton(engine: Engine, name: str, plan: Plan, decode: DecodeS
                           base_tokens_per_s: float) -> dict:
     """One request on one adapter through the static engine with the Triton LoRA kernel: the
     server as `--cuda-graphs --lora-kernel triton` runs it."""
-    with engine._router.restacked(kernel="triton"):  # no decode loop runs on it in between
+    with engine.router.restacked(kernel="triton"):  # no decode loop runs on it in between
         rate = engine_throughput(engine, chat_requests([name], 1, plan.new_tokens), decode=decode, graphs=graphs)
     return {"engine_static_batch1_adapter_tokens_per_s": round(rate, 2),
             "static_batch1_adapter_vs_base": round(rate / base_tokens_per_s, 3)}
@@ -694,7 +694,6 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float, windows: li
     out: dict = {"adapter_file_bytes": adapter_bytes}
 
     # The base alone, then the set_adapter baseline on the same model (unloaded afterwards).
-    warm_up(base)
     base_decode = decode_tokens_per_s(base.model, tokenizer, device, plan.new_tokens)
     out["decode_base_tokens_per_s"] = round(base_decode, 2)
     out["weight_bytes_per_token"] = weight_bytes = bytes_per_decoded_token(base.model, base.model.config)
@@ -720,8 +719,8 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float, windows: li
     before = _allocated(device)
     out["engine_base_only_tokens_per_s"] = round(engine_throughput(engine, chat_requests(["base"], plan.requests, plan.new_tokens)), 2)
     start = time.perf_counter()
-    with engine._lock:
-        engine._make_resident([registry.resolve(names[0])])
+    with engine.lock:
+        engine.make_resident([registry.resolve(names[0])])
     out["adapter_load_s"] = round(time.perf_counter() - start, 3)
     # Cold: the first 16-adapter batch a fresh server sees, loading the 15 adapters it lacks inside
     # the timed window. Warm (the figures compared with the base): every adapter already resident,
@@ -737,8 +736,8 @@ def bench_serving(base, plan: Plan, workdir: Path, bandwidth: float, windows: li
         out["resident_bytes_per_adapter"] = int((after - before) / 16)
         out["analytic_bytes_per_adapter_bf16"] = adapter_bytes // 2
     entry = registry.resolve(names[0])
-    with engine._lock:
-        engine._make_resident([entry])
+    with engine.lock:
+        engine.make_resident([entry])
         adapter_decode = decode_tokens_per_s(engine.route([entry.key]), tokenizer, device, plan.new_tokens)
     out["decode_adapter_tokens_per_s"] = round(adapter_decode, 2)
     out["decode_adapter_vs_base"] = round(adapter_decode / base_decode, 3)

@@ -27,7 +27,7 @@ from peft import PeftModel
 
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
 from adapters.chat import encode_prompt
-from serve.engine import ChatRequest, Engine, SamplingParams, warm_up
+from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
 from serve.batcher import ContinuousBatcher
 
@@ -63,7 +63,6 @@ def baseline_model(base_path: str, store: AdapterStore, names: list[str]) -> tup
     for name in names[1:]:
         model.load_adapter(str(store.path(name)), adapter_name=name)
     model.eval()
-    warm_up(base)  # the same first-call repack as the engine's base
     return model, base.tokenizer
 
 
@@ -116,8 +115,8 @@ def adapter_latency(engine: Engine, adapter: str, plain: LoadedBase, tokens: int
     torch.set_num_threads(engine.decode_threads or previous)
     ours, theirs = [], []
     try:
-        with engine._lock:
-            engine._make_resident([entry])
+        with engine.lock:
+            engine.make_resident([entry])
             pair = [(ours, engine.route([entry.key]), engine.base.tokenizer), (theirs, plain.model, plain.tokenizer)]
             for i in range(repeats):  # alternating which side goes first, so neither always follows the other
                 for times, model, tokenizer in pair[:: 1 if i % 2 == 0 else -1]:
@@ -179,7 +178,6 @@ def main() -> None:
                        "ratio": round((our_tokens / our_s) / (their_tokens / their_s), 2), "same_outputs": ours == theirs})
     median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
     plain = load_base(BaseConfig(args.base))  # the base alone: a copy with no LoRA layers at all
-    warm_up(plain)
     adapter_runs, base_runs = adapter_latency(engine, names[0], plain, 32, 15)
     with_adapter, base_alone = statistics.median(adapter_runs), statistics.median(base_runs)
     results = {
@@ -194,7 +192,7 @@ def main() -> None:
         "throughput_ratio": median["ratio"],
         "same_outputs": all(r["same_outputs"] for r in rounds),
         "rounds": rounds,
-        "fused_cpu_kernel": engine._router is not None and engine._router.lora_add is not None,
+        "fused_cpu_kernel": engine.router is not None and engine.router.lora_add is not None,
         "decode_s_per_token_adapter": round(with_adapter, 5),
         "decode_s_per_token_base": round(base_alone, 5),
         "adapter_latency_ratio": round(with_adapter / base_alone, 3),

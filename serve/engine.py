@@ -2,27 +2,59 @@
 request routed to its own adapter per row (`serve/routing.py`), never by a shared `set_adapter`.
 
 Only this module touches peft adapter state. Deciding which adapters stay resident (the LRU in
-`AdapterCache`) is kept apart from loading and unloading them (`Engine._load` / `_unload`).
+`AdapterCache`) is kept apart from loading and unloading them (`Engine.make_resident`). Every
+generation, whoever asks (the server, `serve chat`, `make eval`, the benches), runs through one
+decode loop (`serve/batcher.py`): `Engine.generate` is a submit-and-wait over it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from adapters.base import LoadedBase
-from adapters.chat import Message, encode_prompt, left_pad
+from adapters.chat import Message, encode_prompt
 from adapters.store import CHAT_TEMPLATE_FILE
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
 from serve.routing import LoraRouter
+from serve.slots import DecodeSettings
+
+if TYPE_CHECKING:
+    from serve.batcher import ContinuousBatcher, Stream
 
 log = logging.getLogger(__name__)
+
+SEED_RANGE = 2**64
+"""A request's seed is one of torch.Generator's: 0 <= seed < 2**64."""
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked: the caller's fault (an HTTP 400)."""
+
+    code = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(RequestError):
+    """The prompt leaves no room for a reply in the model's (or the decode cache's) context."""
+
+    code = "context_length_exceeded"
+
+
+class AdapterLoadError(RuntimeError):
+    """A registered adapter whose weights could not be put on the device; its requests fail alone."""
+
+    code = "adapter_unavailable"
 
 
 @dataclass(frozen=True)
@@ -33,17 +65,17 @@ class SamplingParams:
     top_k: int = 0
     max_new_tokens: int = 64
     seed: int | None = None
+    """Seeded sampling draws from the request's own generator: the same seed, the same reply."""
     stop: tuple[str, ...] = ()
     """The reply ends before the first of these strings."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens <= 0:
-            raise ValueError(f"invalid sampling parameters: {self}")
-
-    @property
-    def batch_key(self) -> tuple:
-        """Requests whose key is equal can share one generate call."""
-        return (self.temperature, self.top_p, self.top_k, self.seed)
+        for name, ok in (("temperature", math.isfinite(self.temperature) and self.temperature >= 0),
+                         ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1),
+                         ("top_k", self.top_k >= 0), ("max_new_tokens", self.max_new_tokens > 0),
+                         ("seed", self.seed is None or 0 <= self.seed < SEED_RANGE)):
+            if not ok:
+                raise RequestError(f"{name}: {getattr(self, name)!r} is out of range", name)
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,23 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """A request checked, templated and tokenized (`Engine.prepare`): all the decode loop needs."""
+
+    request: ChatRequest
+    entry: AdapterEntry | None
+    """None: the base alone."""
+    prompt: list[int]
+    max_new: int
+    """The reply's token budget: the request's, capped by the server and by the model's context."""
+
+
+ERROR_CODES = ("model_not_found", "context_length_exceeded", "invalid_request_error", "adapter_unavailable",
+               "server_error")
+"""What `ChatResult.error_code` may say; the API maps each to an HTTP status."""
+
+
+@dataclass(frozen=True)
 class ChatResult:
     adapter: str
     text: str = ""
@@ -70,15 +119,17 @@ class ChatResult:
     prompt_tokens: int = 0
     finish_reason: str = "stop"
     """'length' when the reply hit its token limit, 'stop' otherwise (EOS, a stop string, cancelled)."""
+    error_code: str | None = None
+    """With `error`: one of ERROR_CODES."""
 
-
-@torch.no_grad()
-def warm_up(base: LoadedBase) -> None:
-    """One tiny forward before serving: bitsandbytes repacks 4-bit weights for its CPU kernel on
-    the first call, which computes slightly differently from every later call; without this the
-    first request could get different greedy tokens from an identical second one."""
-    ids = torch.tensor([[base.tokenizer.pad_token_id] * 2], device=base.device)
-    base.model(input_ids=ids)
+    @classmethod
+    def failed(cls, adapter: str, err: BaseException, text: str = "", new_tokens: int = 0) -> "ChatResult":
+        """The result of a request that `err` ended; the code says whose fault it was."""
+        if isinstance(err, UnknownAdapterError):
+            code = "model_not_found"
+        else:
+            code = getattr(err, "code", "server_error")
+        return cls(adapter, text, new_tokens, error=str(err), error_code=code)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -119,12 +170,12 @@ class AdapterCache:
 
 
 class Engine:
-    """Generates replies for batches of requests that each name their own adapter."""
+    """Generates replies for requests that each name their own adapter, through one decode loop."""
 
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, max_loaded: int = 8, limits: ServeLimits = ServeLimits(),
-                 lora_kernel: str = "auto"):
+                 lora_kernel: str = "auto", decode: DecodeSettings = DecodeSettings()):
         LoraRouter.check_kernel(lora_kernel, base.device)  # a bad choice fails here, not at the first adapter request
-        self.base, self.registry, self.limits = base, registry, limits
+        self.base, self.registry, self.limits, self.decode = base, registry, limits, decode
         self.lora_kernel = lora_kernel
         """Which fused kernel adds the routed LoRA delta where it applies (`serve.routing.KERNELS`)."""
         self.cache = AdapterCache(max_loaded)
@@ -132,53 +183,95 @@ class Engine:
         self._router: LoraRouter | None = None
         self._host: dict[str, tuple[PeftConfig, dict]] = {}
         """Evicted adapters' weights kept in host memory: reloading them reads no file."""
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        """Held while the model runs or its adapters change: the decode loop holds it for a step."""
         self._templates: dict[str, str | None] = {}
         self._names: dict[str, str] = {}
         """Adapter key -> adapter name (keys escape '.', so a name is not recoverable from its key)."""
         self.loads_from_disk = 0
         self.decode_threads: int | None = None
         """Intra-op threads the decode loop chose for this engine (serve/batcher.py)."""
-        warm_up(base)
+        self._loop: ContinuousBatcher | None = None
+        self._loop_lock = threading.Lock()
 
     # -- adapter residency -------------------------------------------------------------
     def _load(self, entry: AdapterEntry) -> None:
-        if entry.key in self._host:
-            config, weights = self._host.pop(entry.key)
-            self._model.add_adapter(entry.key, config)
-            set_peft_model_state_dict(self._model, weights, adapter_name=entry.key)
-            return
-        self.loads_from_disk += 1
+        """Put one adapter's weights in the peft model; on failure nothing of it stays there."""
         try:
-            if self._model is None:
-                self._model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.key)
+            if entry.key in self._host:
+                config, weights = self._host.pop(entry.key)
+                self._model.add_adapter(entry.key, config)
+                set_peft_model_state_dict(self._model, weights, adapter_name=entry.key)
             else:
-                self._model.load_adapter(str(entry.path), adapter_name=entry.key)
+                self.loads_from_disk += 1
+                self._load_from_disk(entry)
+            self._check_finite(entry)
         except Exception as err:
-            raise RuntimeError(f"loading adapter {entry.name!r} from {entry.path} failed: {err}") from err
+            self._discard(entry.key)
+            raise AdapterLoadError(f"adapter {entry.name!r} could not be loaded from {entry.path}: "
+                                   f"{type(err).__name__}: {err}") from err
+
+    def _load_from_disk(self, entry: AdapterEntry) -> None:
+        if self._model is None:
+            self._model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.key)
+        else:
+            self._model.load_adapter(str(entry.path), adapter_name=entry.key)
         self._model.eval()
 
+    def _check_finite(self, entry: AdapterEntry) -> None:
+        """Refuse non-finite weights: on the masked path one slot's NaN would reach every row."""
+        for name, tensor in self._adapter_weights(entry.key).items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{name} holds non-finite values")
+
+    def _adapter_weights(self, key: str) -> dict[str, torch.Tensor]:
+        # Only the adapter's own parameters are read: a full state_dict() would also serialise
+        # (and on some CPUs unpack) every 4-bit base weight.
+        own = {name: p for name, p in self._model.named_parameters() if f".{key}." in name or name.endswith(f".{key}")}
+        return get_peft_model_state_dict(self._model, state_dict=own, adapter_name=key)
+
+    def _discard(self, key: str) -> None:
+        """Forget a key everywhere (peft model, LRU, host copies), whatever state a failed load left."""
+        self.cache.remove(key)
+        self._host.pop(key, None)
+        self._templates.pop(key, None)
+        if self._model is not None and key in self._model.peft_config:
+            self._model.delete_adapter(key)
+
     def _unload(self, key: str) -> None:
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self._model, adapter_name=key).items()}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self._adapter_weights(key).items()}
         self._host[key] = (self._model.peft_config[key], weights)
         self._model.delete_adapter(key)
 
-    def _make_resident(self, entries: list[AdapterEntry]) -> None:
-        """Load what the batch needs, evict the least recently used beyond the cap, and restack
-        the routed weights when the resident set changed."""
+    def make_resident(self, entries: list[AdapterEntry]) -> dict[str, AdapterLoadError]:
+        """Load what a step needs, evict the least recently used beyond the cap, and restack the
+        routed weights when the resident set changed. Call under `lock`.
+
+        Returns the adapters that failed to load, by key: nothing of them stays loaded, and the
+        others are resident as asked.
+        """
         needed = {e.key: e for e in entries}
+        failed: dict[str, AdapterLoadError] = {}
         changed = False
         for key, entry in needed.items():
-            if not self.cache.touch(key):
+            if self.cache.touch(key):
+                continue
+            try:
                 self._load(entry)
-                self._names[key] = entry.name
-                changed = True
-        for key in self.cache.evictions(pinned=set(needed)):
+            except AdapterLoadError as err:
+                log.error("%s", err)
+                failed[key] = err
+                continue
+            self._names[key] = entry.name
+            changed = True
+        for key in self.cache.evictions(pinned=set(needed) - set(failed)):
             self._unload(key)
             changed = True
-        if self._model is not None and (changed or self._router is None):
-            self._router = self._router or LoraRouter(self._model, self.base.compute_dtype, kernel=self.lora_kernel)
+        if self._model is not None and (changed or failed or self._router is None):
+            self._router = self._router or LoraRouter(self._model, self.base.compute_dtype, kernel=self.lora_kernel,
+                                                      per_row=self.decode.deterministic)
             self._router.rebuild(self.cache.resident())
+        return failed
 
     def route(self, keys: list[str | None], replayed: bool = False) -> torch.nn.Module:
         """The model to run for rows that use these adapter keys (None: the base alone).
@@ -187,6 +280,18 @@ class Engine:
             return self.base.model
         self._router.set_rows(keys, replayed)
         return self._model
+
+    @property
+    def router(self) -> LoraRouter | None:
+        """The router over the resident adapters (None before the first adapter loads)."""
+        return self._router
+
+    def step_signature(self) -> tuple[tuple, object]:
+        """What a captured decode step depends on beyond its inputs' values: the route of the
+        current rows, and the stacks' version (their addresses)."""
+        if self._router is None:
+            return ("plain",), None
+        return self._router.signature(), (id(self._router), self._router.version)
 
     def resident(self) -> list[str]:
         return self.cache.resident()
@@ -200,7 +305,7 @@ class Engine:
 
         A request still running on it is unaffected: its next step makes it resident again.
         """
-        with self._lock:
+        with self.lock:
             keys = [k for k in self.cache.resident() if self._names[k] == name]
             for key in keys:
                 self.cache.remove(key)
@@ -209,7 +314,7 @@ class Engine:
                 self._router.rebuild(self.cache.resident())
         return bool(keys)
 
-    # -- generation ----------------------------------------------------------------------
+    # -- requests ------------------------------------------------------------------------
     def _template(self, entry: AdapterEntry | None) -> str | None:
         """The adapter's saved chat template, read once per version; None means the base's own."""
         if entry is None:
@@ -219,72 +324,57 @@ class Engine:
             self._templates[entry.key] = file.read_text() if file.is_file() else None
         return self._templates[entry.key]
 
-    def _prepare(self, request: ChatRequest) -> tuple[AdapterEntry | None, list[int], int]:
+    def prepare(self, request: ChatRequest) -> Prepared:
+        """Resolve the adapter, render the chat template and tokenize: in the caller's thread, so
+        a long prompt never holds up the decode loop. Raises UnknownAdapterError or RequestError."""
         entry = self.registry.resolve(request.adapter)
-        prompt = encode_prompt(self.base.tokenizer, request.messages, self._template(entry))
+        prompt = self._encode(request, entry)
         # Capped, never refused: by the server's limit and by the room the context leaves.
         max_new = min(request.params.max_new_tokens, self.limits.max_new_tokens)
         context = getattr(self.base.model.config, "max_position_embeddings", None)
         if context:
             if len(prompt) >= context:
-                raise ValueError(f"prompt is {len(prompt)} tokens, which fills the model's context of {context} tokens")
+                raise ContextLengthError(f"prompt is {len(prompt)} tokens, which fills the model's context of {context} tokens",
+                                         "messages")
             max_new = min(max_new, context - len(prompt))
-        return entry, prompt, max_new
+        return Prepared(request, entry, prompt, max_new)
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        """One result per request, in order; a bad request gets an error result, the others run."""
-        results: list[ChatResult | None] = [None] * len(requests)
-        groups: dict[tuple, list[tuple[int, AdapterEntry | None, list[int], int]]] = {}
-        for i, request in enumerate(requests):
+    def _encode(self, request: ChatRequest, entry: AdapterEntry | None) -> list[int]:
+        for i, message in enumerate(request.messages):
             try:
-                entry, prompt, max_new = self._prepare(request)
-            except (UnknownAdapterError, ValueError) as err:
-                results[i] = ChatResult(request.adapter, error=str(err))
-                continue
-            groups.setdefault(request.params.batch_key, []).append((i, entry, prompt, max_new))
-        for rows in groups.values():
-            for start in range(0, len(rows), self.limits.max_batch):
-                chunk = rows[start : start + self.limits.max_batch]
-                try:
-                    replies = self._run_batch(chunk, requests[chunk[0][0]].params)
-                except Exception as err:  # the batch failed as a whole: each of its requests says why
-                    log.exception("batch failed")
-                    replies = [ChatResult(requests[i].adapter, error=str(err)) for i, *_ in chunk]
-                for (i, *_), reply in zip(chunk, replies):
-                    results[i] = reply
-        return results
+                message.content.encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate: a string cut inside a UTF-16 pair
+                raise RequestError(f"messages[{i}].content is not valid Unicode text ({err.reason} at "
+                                   f"character {err.start})", f"messages[{i}].content") from err
+        try:
+            return encode_prompt(self.base.tokenizer, request.messages, self._template(entry))
+        except Exception as err:  # a template's own error (a role it refuses, a raise_exception) is the request's
+            raise RequestError(f"messages: the chat template could not render them: {type(err).__name__}: {err}",
+                               "messages") from err
 
-    def _run_batch(self, rows, params: SamplingParams) -> list[ChatResult]:
-        tokenizer = self.base.tokenizer
-        ids, mask = left_pad([prompt for _, _, prompt, _ in rows], tokenizer.pad_token_id)
-        width = ids.shape[1]
-        keys = [entry.key if entry else None for _, entry, _, _ in rows]
-        with self._lock:
-            self._make_resident([entry for _, entry, _, _ in rows if entry is not None])
-            output = self._generate(ids, mask, self.route(keys), max(m for *_, m in rows), params)
-        return [self._finish(rows[r], output[r, width:], params) for r in range(len(rows))]
+    # -- generation ----------------------------------------------------------------------
+    def loop(self) -> ContinuousBatcher:
+        """The engine's decode loop, started on first use."""
+        with self._loop_lock:
+            if self._loop is None:
+                from serve.batcher import ContinuousBatcher  # the loop drives this engine: imported late
 
-    @torch.no_grad()
-    def _generate(self, ids, mask, model, max_new: int, params: SamplingParams) -> torch.Tensor:
-        sampling = params.temperature > 0
-        kwargs = {"do_sample": sampling}
-        if sampling:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-        return model.generate(
-            input_ids=ids.to(self.base.device), attention_mask=mask.to(self.base.device), max_new_tokens=max_new,
-            pad_token_id=self.base.tokenizer.pad_token_id, eos_token_id=self.base.tokenizer.eos_token_id, **kwargs,
-        ).cpu()
+                self._loop = ContinuousBatcher(self, max_batch=self.limits.max_batch, decode=self.decode)
+            return self._loop
 
-    def _finish(self, row, new_ids: torch.Tensor, params: SamplingParams) -> ChatResult:
-        i, entry, _, max_new = row
-        tokens = new_ids[:max_new].tolist()
-        eos = self.base.tokenizer.eos_token_id
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
-        text = self.base.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        cut = cut_at_stop(text, params.stop)
-        if cut is not None:
-            text = cut.strip()
-        return ChatResult(entry.name if entry else "base", text, len(tokens))
+    def submit(self, request: ChatRequest | Prepared) -> Stream:
+        """Queue one request on the decode loop; a request that fails preparation gets a finished stream."""
+        return self.loop().submit(request)
+
+    def generate(self, requests: Sequence[ChatRequest], timeout: float | None = None) -> list[ChatResult]:
+        """One result per request, in order, all submitted together (they share decode steps);
+        a bad request gets an error result, the others run."""
+        streams = [self.submit(r) for r in requests]
+        return [s.wait(timeout) for s in streams]
+
+    def close(self) -> None:
+        """Stop the decode loop, finishing what it holds."""
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.close()

@@ -1,9 +1,10 @@
 """The adapter registry: which adapters in the store can be served on this base, and why not.
 
-Every adapter is checked when it is registered (shapes against the base, the base fingerprint
-in its card, safe files), never on its first request. Clients name adapters; only the registry
-maps a name to a folder. A replaced adapter gets a new key (name@version), so requests already
-running on the old version finish on it.
+Every adapter is checked when it is registered (`adapters.compat.check_adapter`: its config,
+its tensors, its base, its chat template), never on its first request. A malformed entry of any
+shape becomes one rejection with its reason; it never stops a scan. Clients name adapters; only
+the registry maps a name to a folder. A replaced adapter gets a new key (name@version), so
+requests already running on the old version finish on it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.card import AdapterCard, read_card
+from adapters.card import AdapterCard
 from adapters.compat import AdapterCheckError, BaseShape, check_adapter
-from adapters.store import AdapterNameError, AdapterStore
+from adapters.store import NAME_PATTERN, RESERVED_NAMES, AdapterNameError, AdapterStore
 
 log = logging.getLogger(__name__)
 BASE_NAME = "base"
@@ -67,38 +68,99 @@ class Changes:
     rejected: list[str]
 
 
+def name_problem(root: Path, name: str) -> str | None:
+    """Why a store entry's name cannot be an adapter, specifically; None when the name is fine.
+
+    The store refuses such names with one general message; a rejection should say what to fix.
+    """
+    return _spelling_problem(name) or _location_problem(Path(root), name)
+
+
+def _spelling_problem(name: str) -> str | None:
+    fix = "rename the folder"
+    if name.startswith("."):
+        return f"invalid name: starts with '.' (hidden entries are not adapters); {fix}"
+    if "/" in name or "\\" in name:
+        return f"invalid name: contains a path separator (names are identifiers, not paths); {fix}"
+    if ".." in name:
+        return f"invalid name: contains '..' (names are identifiers, not paths); {fix}"
+    if len(name) > 64:
+        return f"invalid name: {len(name)} characters long, names have at most 64; {fix}"
+    if name in RESERVED_NAMES:
+        return f"invalid name: {name!r} is reserved (a request for it gets the base model alone); {fix}"
+    if not name[:1].isascii() or not name[:1].isalnum():
+        return f"invalid name: starts with {name[:1]!r}, names start with a letter or digit; {fix}"
+    if not NAME_PATTERN.match(name):
+        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
+        return f"invalid name: contains {bad}; use letters, digits, '.', '_' or '-'; {fix}"
+    return None
+
+
+def _location_problem(root: Path, name: str) -> str | None:
+    entry = root / name
+    if entry.is_symlink():
+        target = entry.readlink()
+        resolved = entry.resolve()
+        if root.resolve() not in resolved.parents:
+            return f"a symlink to {target}, outside the store {root}: publish adapters into the store instead"
+        if not resolved.exists():
+            return f"a symlink to {target}, which does not exist"
+    if entry.is_file():
+        return "a file, not a folder: an adapter is a folder holding adapter_config.json and adapter_model.safetensors"
+    if not entry.is_dir():
+        return f"{entry} is not a folder"
+    return None
+
+
+def _refusal_key(located: Path | Rejection) -> object:
+    """What a refusal is remembered by: the name's own rejection, or the folder with its files'
+    names, sizes and times, so a folder copied in by hand is checked again once its files change
+    (a published version never changes)."""
+    if isinstance(located, Rejection):
+        return located
+    try:
+        return located, tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in located.iterdir()))
+    except OSError:  # a file vanished or a link dangles: checked again once the folder reads
+        return located, None
+
+
 class AdapterRegistry:
     """Scans the store and keeps the servable and rejected adapters; safe to use from several threads."""
 
     def __init__(self, store: AdapterStore, base: BaseShape):
         self.store, self.base = store, base
         self._entries: dict[str, AdapterEntry] = {}
-        self._rejected: dict[str, tuple[Path | None, Rejection]] = {}
+        # name -> (what was refused, as `_refusal_key` gives it; why)
+        self._rejected: dict[str, tuple[object, Rejection]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
     def refresh(self) -> Changes:
-        """Pick up new, replaced and deleted adapters; unchanged folders are not checked again."""
+        """Pick up new, replaced and deleted adapters; unchanged folders are not checked again.
+
+        Never raises for one entry: whatever is wrong with it becomes its rejection.
+        """
         found = self._scan_names()
         added, replaced, rejected = [], [], []
         with self._lock:
             known, refused = dict(self._entries), dict(self._rejected)
-        for name, folder in found.items():
+        for name, located in found.items():
             current = known.get(name)
-            if current is not None and current.path == folder:
+            if current is not None and current.path == located:
                 continue
-            if name in refused and refused[name][0] == folder:
-                continue  # the same folder was refused before: not checked again
-            entry, rejection = self._register(name, folder)
+            key = _refusal_key(located)
+            if name in refused and refused[name][0] == key:
+                continue  # refused before, and nothing it was refused for has changed: not checked again
+            outcome = located if isinstance(located, Rejection) else self._register(name, located)
             with self._lock:
-                if entry is not None:
-                    self._entries[name] = entry
+                if isinstance(outcome, AdapterEntry):
+                    self._entries[name] = outcome
                     self._rejected.pop(name, None)
                     (replaced if current else added).append(name)
                 else:
                     self._entries.pop(name, None)
-                    self._rejected[name] = (folder, rejection)
+                    self._rejected[name] = (key, outcome)
                     rejected.append(name)
         with self._lock:
             removed = [n for n in self._entries if n not in found]
@@ -110,27 +172,35 @@ class AdapterRegistry:
             log.info("adapters: +%s ~%s -%s rejected %s", added, replaced, removed, rejected)
         return Changes(added, replaced, removed, rejected)
 
-    def _scan_names(self) -> dict[str, Path | None]:
-        """name -> resolved folder (None where the name itself is refused)."""
-        found: dict[str, Path | None] = {}
-        for name in self.store.names():
-            try:
-                found[name] = self.store.path(name).resolve()
-            except AdapterNameError:
-                found[name] = None
-        return found
+    def _scan_names(self) -> dict[str, Path | Rejection]:
+        """name -> resolved folder, or the rejection of a name that does not lead to one."""
+        return {name: self._locate(name) for name in self.store.names()}
 
-    def _register(self, name: str, folder: Path | None) -> tuple[AdapterEntry | None, Rejection | None]:
-        if folder is None:
-            return None, Rejection(name, "invalid name: names are identifiers, not paths, and stay inside the store")
+    def _locate(self, name: str) -> Path | Rejection:
+        try:
+            return self._folder(name)
+        except (OSError, RuntimeError) as err:  # a symlink loop, an unreadable entry
+            return Rejection(name, f"cannot be resolved: {err}")
+
+    def _folder(self, name: str) -> Path | Rejection:
+        try:
+            folder = self.store.path(name).resolve()
+        except AdapterNameError as err:
+            return Rejection(name, name_problem(self.store.root, name) or str(err))
         if not folder.is_dir():
-            return None, Rejection(name, f"{folder} is not a folder")
+            return Rejection(name, name_problem(self.store.root, name) or f"{folder} is not a folder")
+        return folder
+
+    def _register(self, name: str, folder: Path) -> AdapterEntry | Rejection:
+        """The entry for a folder that passes every check, else its rejection; never raises."""
         try:
             adapter = check_adapter(folder, self.base)
-            card = read_card(folder) if (folder / "card.json").is_file() else None
         except (AdapterCheckError, ValueError, OSError) as err:
-            return None, Rejection(name, str(err))
-        return AdapterEntry(name, folder, card, int(adapter.config.get("r", 0))), None
+            return Rejection(name, str(err))
+        except Exception as err:  # a defect no check foresaw: this entry is refused, the others still load
+            log.exception("adapter %r in %s could not be checked", name, folder)
+            return Rejection(name, f"could not be checked: {type(err).__name__}: {err}")
+        return AdapterEntry(name, folder, adapter.card, adapter.config["r"])
 
     def resolve(self, name: str) -> AdapterEntry | None:
         """The adapter a request names; None for the base. UnknownAdapterError names the choices."""

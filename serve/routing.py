@@ -183,6 +183,8 @@ class LayerStacks:
     [slots, R, in] view into the group's stack."""
     member: int = 0
     """This layer's place in its group."""
+    ranks: tuple[int, ...] = ()
+    """Each slot's own rank in this layer (0 where its adapter does not adapt it)."""
 
 
 def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -200,6 +202,8 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if router.lora_add is not None and router.lora_add(result, x, stacks.A, stacks.Bt, router.item_slots,
                                                        stacks.scale_t, router.rank, router.kernel_rows):
         return result
+    if router.per_row:
+        return _add_per_row(router, stacks, x, result)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != stacks.A.dtype:
         x2 = x2.to(stacks.A.dtype)
@@ -220,6 +224,24 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         hidden = torch.mm(x2, stacks.A.t())  # short steps: every slot at once, fewest ops
         hidden.view(mask.shape[0], -1, hidden.shape[-1]).mul_(mask)
     return _add_product(result, hidden, stacks.Bt, 1.0)
+
+
+def _add_per_row(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Each batch item's delta from products of that item alone, at its adapter's own rank: what
+    a row gets depends on nothing else in the batch or among the resident adapters."""
+    in_place = result.dtype == stacks.A.dtype and not torch.is_grad_enabled()
+    for item, slot in enumerate(router.row_slots()):
+        rank = stacks.ranks[slot] if slot != BASE else 0
+        if rank == 0:
+            continue
+        rows = x[item].reshape(-1, x.shape[-1]).to(stacks.A.dtype)  # [seq, in]
+        delta = torch.mm(torch.mm(rows, stacks.At[slot][:, :rank]), stacks.Bts[slot][:rank])  # [seq, out]
+        delta = delta.mul_(stacks.scale[slot]).view_as(result[item])
+        if in_place:
+            result[item].add_(delta)
+        else:
+            result = result.index_add(0, torch.tensor([item], device=result.device), delta.unsqueeze(0).to(result.dtype))
+    return result
 
 
 def _add_grouped(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -247,8 +269,12 @@ def _add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
 
 class LoraRouter:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, group_inputs: bool | None = None,
-                 kernel: str = "auto", shrink: str = "auto"):
+                 kernel: str = "auto", shrink: str = "auto", per_row: bool = False):
         self.check_kernel(kernel)
+        self.per_row = per_row
+        """Compute every row's delta from that row alone (the fused kernel where it applies, else
+        `_add_per_row`), never a product whose shape depends on the other rows: the
+        deterministic mode's routing."""
         if shrink not in SHRINK_CHOICES:
             raise ValueError(f"LoRA shrink {shrink!r}: expected one of {', '.join(SHRINK_CHOICES)}")
         self.model = model
@@ -319,7 +345,7 @@ class LoraRouter:
         self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
         self._scale_vectors = []
         self._device, self._dtype = self._placement(layers)
-        self._shrink_products = tuple(SHRINKS[name] for name in self._shrink_names())
+        self._shrink_products = tuple(SHRINKS[name] for name in self.shrink_names())
         self.shrink_product = self._shrink_products[0]
         grouping = self._pick_kernel()
         place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
@@ -351,7 +377,7 @@ class LoraRouter:
                 setattr(self, name, value)
             self.rebuild(self.keys)
 
-    def _shrink_names(self) -> tuple[str, str]:
+    def shrink_names(self) -> tuple[str, str]:
         """(eager, replayed) steps' shrinks, for stacks on `_device`."""
         return auto_shrinks(self._device) if self.shrink == "auto" else (self.shrink, self.shrink)
 
@@ -455,10 +481,11 @@ class LoraRouter:
             starts = [(slot * group.members + member) * R for slot in range(slots)]
         A_rows = A if group is None else group.A  # [rows, in] either way; `starts` index it
         Bt = torch.zeros(slots * R, base.out_features, dtype=self._dtype, device=device)
-        scale = [0.0] * slots
+        scale, ranks = [0.0] * slots, [0] * slots
         for slot, key in enumerate(self.keys):
             if key in layer.lora_A:
                 r, start = layer.r[key], starts[slot]
+                ranks[slot] = r
                 A_rows[start : start + r] = layer.lora_A[key].weight.detach()
                 Bt[slot * R : slot * R + r] = layer.lora_B[key].weight.detach().t()
                 layer.lora_A[key].weight.data = A_rows[start : start + r]
@@ -469,7 +496,7 @@ class LoraRouter:
             self._scale_vectors.append(scale)
         return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32, device=device),
                            [A_rows[i : i + R].t() for i in starts], [Bt[i * R : i * R + R] for i in range(slots)],
-                           self._scale_vectors.index(scale), group, member)
+                           self._scale_vectors.index(scale), group, member, tuple(ranks))
 
     def set_rows(self, keys: list[str | None], replayed: bool = False) -> None:
         """One adapter key per row of the next forward; None routes the row to the base.
@@ -489,6 +516,10 @@ class LoraRouter:
             for fixed, scale in zip(self._fixed, self._scale_vectors):
                 fixed[: len(slots)].copy_(self._make_mask(scale))
             self._masks = [fixed[: len(slots)] for fixed in self._fixed]
+
+    def row_slots(self) -> list[int]:
+        """The current rows' slots, one per batch item (BASE: the base alone)."""
+        return self._slots
 
     def use_groups(self, rows: int) -> bool:
         """Whether a mixed step of `rows` rows computes each adapter's rows apart (`_add_grouped`)

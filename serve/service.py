@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
-from serve.batcher import ContinuousBatcher, Stream
+from serve.batcher import Stream
 from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, ServeLimits
 from serve.registry import BASE_NAME, AdapterRegistry
 from serve.slots import DecodeSettings
@@ -45,9 +45,17 @@ class ServiceConfig:
     reports: str = "reports"
     """Where `make eval` writes the adapter x task matrix the Adapters tab shows."""
     decode: DecodeSettings = field(default_factory=DecodeSettings)
-    """The decode loop's KV cache: growing (default), or static slots with captured CUDA graphs."""
+    """The decode loop's KV cache (static slots with captured CUDA graphs on a GPU, the growing
+    cache elsewhere) and whether it runs deterministically."""
     lora_kernel: str = "auto"
     """The routed LoRA delta's kernel (`serve.routing.KERNELS`): auto, torch, or triton (GPU, experimental)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_loaded", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.watch_s > 0:
+            raise ValueError(f"watch_s must be > 0, got {self.watch_s}")
 
 
 @dataclass
@@ -81,9 +89,11 @@ class Service:
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, config: ServiceConfig = ServiceConfig()):
         self.base, self.registry, self.config = base, registry, config
         self.engine = Engine(base, registry, max_loaded=config.max_loaded, limits=config.limits,
-                             lora_kernel=config.lora_kernel)
-        self.batcher = ContinuousBatcher(self.engine, max_batch=config.limits.max_batch, decode=config.decode)
-        self._slots = threading.BoundedSemaphore(config.max_queue)
+                             lora_kernel=config.lora_kernel, decode=config.decode)
+        self.batcher = self.engine.loop()
+        self._permits = threading.BoundedSemaphore(config.max_queue)
+        self._held = 0
+        self._held_lock = threading.Lock()
 
     @classmethod
     def start(cls, config: ServiceConfig) -> "Service":
@@ -95,17 +105,38 @@ class Service:
         return cls(base, registry, config)
 
     def close(self) -> None:
+        """Stop watching the store and stop the decode loop; requests it still held end with an error."""
         self.registry.close()
-        self.batcher.close()
+        self.engine.close()
 
     # -- requests --------------------------------------------------------------------
     def submit(self, request: ChatRequest) -> Stream:
-        """Queue one request; BusyError when the server already holds its maximum."""
-        if not self._slots.acquire(blocking=False):
+        """Prepare (template, tokenize) one request in the caller's thread and queue it.
+
+        Raises UnknownAdapterError or RequestError for a request that cannot be served, and
+        BusyError when the server already holds its maximum. Every queued request ends (its
+        stream finishes, with or without an error), and its permit comes back then.
+        """
+        prepared = self.engine.prepare(request)
+        if not self._permits.acquire(blocking=False):
             raise BusyError(f"server busy: {self.config.max_queue} requests are already waiting or running; retry shortly")
-        stream = self.batcher.submit(request)
-        stream.add_done_callback(lambda _: self._slots.release())
+        self._count(+1)
+        stream = self.batcher.submit(prepared)
+        stream.add_done_callback(self._release)
         return stream
+
+    def _count(self, change: int) -> None:
+        with self._held_lock:
+            self._held += change
+
+    def _release(self, _: ChatResult) -> None:
+        self._count(-1)
+        self._permits.release()
+
+    def requests_held(self) -> int:
+        """Requests waiting or running now (each holds one of `max_queue` permits)."""
+        with self._held_lock:
+            return self._held
 
     def chat(self, adapter: str, messages: list[Message], params: SamplingParams) -> Stream:
         return self.submit(ChatRequest(adapter, tuple(messages), params))
@@ -165,14 +196,21 @@ class Service:
         return f"{name} ({card.task}, {card.metric.name} {card.metric.base:.2f} -> {card.metric.adapter:.2f})"
 
     def eval_matrix(self) -> tuple[list[str], list[list]] | None:
-        """The latest `make eval` matrix as (headers, rows), None when it was never run."""
+        """The latest `make eval` matrix as (headers, rows) for the adapters served now; None when
+        it was never run, cannot be read, or covers none of them (another store's report)."""
         from serve.evaluate import read_matrix
 
-        matrix = read_matrix(Path(self.config.reports))
-        if matrix is None:
+        try:
+            matrix = read_matrix(Path(self.config.reports))
+        except (OSError, ValueError, TypeError) as err:
+            log.warning("eval matrix in %s not shown: %s", self.config.reports, err)
+            return None
+        served = set(self.model_names())
+        models = [m for m in matrix.models if m in served] if matrix else []
+        if not [m for m in models if m != BASE_NAME]:
             return None
         rows = [[m, *[f"{v:.3f}" + (" *" if matrix.trained_on.get(m) == t else "") for t, v in zip(matrix.tasks, matrix.row(m))]]
-                for m in matrix.models]
+                for m in models]
         return ["model", *matrix.tasks], rows
 
     def refresh(self) -> None:

@@ -36,17 +36,21 @@ class DecodeSettings:
     static_cache: bool | None = None
     """Fixed row slots (this module) instead of a cache that grows and is re-padded every step.
     None: wherever the steps can be captured as CUDA graphs (`replays_steps`) and the slots fit
-    (DEFAULT_SLOTS_SHARE), the growing cache elsewhere. bench-gpu on an H100 (8B shape, run 3): 16 requests over 16 adapters at 703 tokens/s
-    against 205 with the growing cache; with graphs an adapter costs 8% of the base's throughput at
-    batch 1 and 16 adapters cost 8% at batch 16, against 42% and 36% eagerly."""
+    (DEFAULT_SLOTS_SHARE), the growing cache elsewhere (docs/performance.md#decode-cache)."""
     context: int = 1024
     """Columns per row slot with the static cache: a request's prompt and reply together fit in
     this many tokens (its reply is capped to fit, as by the model's own context)."""
     cuda_graphs: bool = True
     """With the static cache on a CUDA device, capture each batch bucket's step once and replay it."""
+    deterministic: bool = False
+    """A request's tokens do not depend on the rest of the batch or on the server's history: its
+    prompt is prefilled alone, every step runs all the slots (so it keeps the static cache),
+    each row's LoRA delta is its own product, one thread count (serve/batcher.py)."""
 
     def uses_static_cache(self, device: torch.device, attention: str | None) -> bool:
         """Whether a decode loop on this device, with this attention implementation, keeps the slots."""
+        if self.deterministic:
+            return True
         if self.static_cache is not None:
             return self.static_cache
         return self.replays_steps(device) and attention == "sdpa"  # the slots' mask is one only SDPA reads

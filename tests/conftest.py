@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
+from serve.slots import DecodeSettings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -108,9 +109,10 @@ def served(tiny_base, tmp_path_factory):
     return store, base, registry
 
 
-def new_engine(tiny_base, registry, max_loaded: int = 4) -> Engine:
-    """An engine on its own copy of the base: peft injects adapters into the model it wraps."""
-    return Engine(load_base(BaseConfig(str(tiny_base))), registry, max_loaded=max_loaded)
+def new_engine(tiny_base, registry, max_loaded: int = 4, decode: DecodeSettings = DecodeSettings(deterministic=True)) -> Engine:
+    """An engine on its own copy of the base: peft injects adapters into the model it wraps.
+    Deterministic unless asked otherwise: tests compare its answers across batches."""
+    return Engine(load_base(BaseConfig(str(tiny_base))), registry, max_loaded=max_loaded, decode=decode)
 
 
 def request(adapter: str, prompt: str = PROMPTS[0], **params) -> ChatRequest:

@@ -11,26 +11,45 @@ from serve.batcher import ContinuousBatcher
 from serve.slots import DecodeSettings
 from tests.conftest import PROMPTS, new_engine, request, texts
 
-CACHES = {"dynamic": DecodeSettings(), "static": DecodeSettings(static_cache=True, context=48)}
+CACHES = {"dynamic": DecodeSettings(), "static": DecodeSettings(static_cache=True, context=48),
+          "deterministic": DecodeSettings(deterministic=True, context=48)}
 
 
 @pytest.fixture(params=CACHES)
 def batcher(served, tiny_base, request):
-    """Each test runs with both caches: the growing one, and the static slots a GPU replays
-    captured steps on (here the same steps run eagerly, so every answer must be the same)."""
+    """Each test runs with each cache: the growing one, the static slots a GPU replays captured
+    steps on (here run eagerly), and the deterministic mode's full-width slots. The engine's own
+    loop, which gives the reference answers (a request alone), runs with the same settings.
+
+    The random adapters here emit byte garbage whose top two tokens are often within float noise
+    of each other, so only the deterministic mode promises the same text whatever the batch: the
+    tests that compare text across batch shapes run there, or on trained adapters
+    (`test_trained_adapters_answer_alike_in_every_mode`)."""
     _, _, registry = served
-    engine = new_engine(tiny_base, registry, 4)
+    engine = new_engine(tiny_base, registry, 4, decode=CACHES[request.param])
     batcher = ContinuousBatcher(engine, decode=CACHES[request.param])
     yield engine, batcher
     batcher.close()
+    engine.close()
 
 
-def test_each_request_gets_what_the_engine_gives_it_alone(batcher):
-    """Random adapters on a random base emit byte garbage; for PROMPTS[0] adapter a's top two
-    tokens lie within float noise of each other at step 5, so which wins depends on the batch's
-    shape. The prompts here have no such tie, and every row must match exactly."""
-    engine, batcher = batcher
-    requests = [request(n, p) for n in ("base", "a", "b", "c", "d") for p in PROMPTS[1:3]]
+@pytest.fixture
+def exact(served, tiny_base):
+    """The deterministic mode, where a request's text is the same whatever the batch holds."""
+    _, _, registry = served
+    settings = CACHES["deterministic"]
+    engine = new_engine(tiny_base, registry, 4, decode=settings)
+    batcher = ContinuousBatcher(engine, decode=settings)
+    yield engine, batcher
+    batcher.close()
+    engine.close()
+
+
+def test_each_request_gets_what_the_engine_gives_it_alone(exact):
+    """Five adapters' rows (the base among them) over every prompt in one batch: bit for bit what
+    each gets alone, near-ties included."""
+    engine, batcher = exact
+    requests = [request(n, p) for n in ("base", "a", "b", "c", "d") for p in PROMPTS]
     expected = [texts(engine, [r])[0] for r in requests]
     streams = [batcher.submit(r) for r in requests]
     results = [s.wait(60) for s in streams]
@@ -39,10 +58,8 @@ def test_each_request_gets_what_the_engine_gives_it_alone(batcher):
     assert batcher.steps < sum(max(1, r.new_tokens) for r in results)  # rows shared decode steps
 
 
-def test_a_request_joins_a_running_batch_and_streams(batcher):
-    engine, batcher = batcher
-    # 12 tokens: past ~20 tokens of a random model's byte garbage, the float noise of a changed
-    # batch shape can flip a near-tie; a broken join would diverge right after step 3.
+def test_a_request_joins_a_running_batch_and_streams(exact):
+    engine, batcher = exact
     long = request("a", PROMPTS[3], max_new_tokens=12)
     short = request("b", PROMPTS[1])
     long_stream = batcher.submit(long)
@@ -59,8 +76,8 @@ def test_a_request_joins_a_running_batch_and_streams(batcher):
         assert batcher.steps < long_result.new_tokens + short_result.new_tokens
 
 
-def test_a_bad_request_fails_alone(batcher):
-    engine, batcher = batcher
+def test_a_bad_request_fails_alone(exact):
+    engine, batcher = exact
     good, bad = batcher.submit(request("a")), batcher.submit(request("nope"))
     assert bad.wait(60).error.startswith("unknown adapter 'nope'")
     assert good.wait(60).text == texts(engine, [request("a")])[0]
@@ -72,10 +89,10 @@ def test_sampling_with_a_seed_is_reproducible(batcher):
     assert sampled[0] == sampled[1]
 
 
-def test_greedy_rows_sharing_steps_with_a_sampled_row_keep_their_answers(batcher):
+def test_greedy_rows_sharing_steps_with_a_sampled_row_keep_their_answers(exact):
     """All-greedy steps pick tokens on the model's device; a step with a sampled row picks every
     row on the host. Both ways give each greedy row the engine's own answer."""
-    engine, batcher = batcher
+    engine, batcher = exact
     greedy = [request(n, PROMPTS[1]) for n in ("a", "b")]
     sampled = request("c", PROMPTS[2], temperature=1.0, seed=3)
     runs = []
@@ -97,7 +114,7 @@ def test_a_replaced_adapter_serves_new_requests_while_running_ones_finish_on_the
     save_random_adapter(store, "swap", tiny_base, 0, model=versions[0])
     registry.refresh()
     engine = new_engine(tiny_base, registry, 4)
-    batcher = ContinuousBatcher(engine)
+    batcher = ContinuousBatcher(engine, decode=engine.decode)
     try:
         old_request = request("swap", PROMPTS[2], max_new_tokens=12)
         expected_old = texts(engine, [old_request])[0]
@@ -118,8 +135,8 @@ def test_a_replaced_adapter_serves_new_requests_while_running_ones_finish_on_the
     assert new_result.text == expected_new != expected_old
 
 
-def test_stop_strings_end_the_reply_in_both_paths(batcher):
-    engine, batcher = batcher
+def test_stop_strings_end_the_reply(exact):
+    engine, batcher = exact
     full = texts(engine, [request("b", PROMPTS[1], max_new_tokens=12)])[0]
     assert len(full) >= 6
     stop = full[3:5]
@@ -130,7 +147,7 @@ def test_stop_strings_end_the_reply_in_both_paths(batcher):
 
 def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(batcher, monkeypatch):
     engine, batcher = batcher
-    real = engine._make_resident
+    real = engine.make_resident
     calls = []
 
     def fail_once(entries):
@@ -139,7 +156,7 @@ def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(batcher, m
             raise RuntimeError("device lost")
         return real(entries)
 
-    monkeypatch.setattr(engine, "_make_resident", fail_once)
+    monkeypatch.setattr(engine, "make_resident", fail_once)
     failed = batcher.generate(request("a"), 60)
     assert failed.error == "device lost"
     assert batcher.generate(request("a"), 60).text == texts(engine, [request("a")])[0]
@@ -184,8 +201,8 @@ def test_the_static_cache_serves_from_its_slots_and_caps_replies_to_fit_them(ser
         batcher.close()
     assert steps and set(steps) <= {1, 2, 4}  # every decode step ran on the slots, in power-of-two buckets
     assert capped.error is None and capped.finish_reason == "length" and capped.new_tokens == 24 - prompt_tokens
-    assert "static decode cache's context of 24 tokens" in too_long.error
-    assert [r.text for r in mixed] == texts(engine, [request(n, PROMPTS[2], max_new_tokens=4) for n in ("base", "a", "b")])
+    assert "static decode cache's context of 24 tokens" in too_long.error and too_long.error_code == "context_length_exceeded"
+    assert [r.error for r in mixed] == [None] * 3 and all(r.new_tokens == 4 for r in mixed)
 
 
 def test_a_step_that_cannot_be_captured_falls_back_to_eager_steps(served, tiny_base, monkeypatch):
@@ -194,8 +211,9 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_steps(served, tiny_b
     from serve.slots import StepGraphs
 
     _, _, registry = served
-    engine = new_engine(tiny_base, registry, 4)
-    batcher = ContinuousBatcher(engine, decode=DecodeSettings(static_cache=True, context=48))
+    settings = DecodeSettings(deterministic=True, context=48)
+    engine = new_engine(tiny_base, registry, 4, decode=settings)
+    batcher = ContinuousBatcher(engine, decode=settings)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -251,3 +269,26 @@ def test_default_slots_that_would_crowd_the_device_leave_the_growing_cache(serve
         finally:
             batcher.close()
     assert "keeping the growing KV cache" in caplog.text
+
+
+@pytest.mark.parametrize("mode", CACHES)
+def test_trained_adapters_answer_alike_in_every_mode(mode, two_adapters, tiny_base):
+    """Adapters trained to clear margins give their own answers in one mixed batch with the base,
+    whatever the cache: the same words as each alone, and the words they were trained on."""
+    from adapters import AdapterStore, BaseConfig, BaseShape, load_base
+    from serve.registry import AdapterRegistry
+    from tests.conftest import ANIMAL_COLORS, ANIMAL_SIZES
+
+    base = load_base(BaseConfig(str(tiny_base)))
+    registry = AdapterRegistry(AdapterStore(two_adapters.root), BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    engine = new_engine(tiny_base, registry, 4, decode=CACHES[mode])
+    try:
+        asks = [request("colors", f"Color of {a}?") for a in ANIMAL_COLORS] + [request("sizes", f"Size of {a}?") for a in ANIMAL_SIZES]
+        asks.append(request("base", "Color of cat?"))
+        alone = [texts(engine, [r])[0] for r in asks]
+        together = texts(engine, asks)
+    finally:
+        engine.close()
+    assert together == alone
+    assert together[:-1] == [*ANIMAL_COLORS.values(), *ANIMAL_SIZES.values()]

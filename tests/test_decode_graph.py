@@ -20,7 +20,7 @@ ROWS = {"base": [None, None], "one adapter": ["a", "a"], "two adapters": ["a", "
 def engine(served, tiny_base):
     _, _, registry = served
     engine = new_engine(tiny_base, registry)
-    engine._make_resident([registry.resolve("a"), registry.resolve("b")])
+    engine.make_resident([registry.resolve("a"), registry.resolve("b")])
     return engine
 
 
@@ -48,7 +48,7 @@ def test_static_cache_steps_give_generates_tokens(engine, case):
 @pytest.mark.parametrize("case", ROWS)
 def test_a_decode_step_reads_nothing_back_to_the_host(engine, case, shared):
     # with True, q/k/v and gate/up share their products, as on a GPU
-    with engine._router.restacked(group_inputs=shared) as router:
+    with engine.router.restacked(group_inputs=shared) as router:
         state = StaticDecode.prefill(rows_model(engine, ROWS[case]), prompt(engine), 4)
         router.lora_add = None  # the torch ops a GPU runs, not the CPU kernel
         with HostSyncs() as reads:

@@ -58,7 +58,7 @@ def peft_logits(tiny_base, store: AdapterStore, ids, mask, adapter_names: list[s
 def routed_logits(engine: Engine, ids, mask, names: list[str], replayed: bool = False) -> torch.Tensor:
     entries = [None if n == "base" else engine.registry.resolve(n) for n in names]
     with torch.no_grad():
-        engine._make_resident([e for e in entries if e is not None])
+        engine.make_resident([e for e in entries if e is not None])
         model = engine.route([e.key if e else None for e in entries], replayed=replayed)
         return model(input_ids=ids, attention_mask=mask).logits
 
@@ -91,7 +91,7 @@ def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeyp
     ids, mask = batch(engine, len(names))
     expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["__base__" if n == "base" else n for n in names])
     routed_logits(engine, ids, mask, names)  # makes the adapters resident: the router now exists
-    router = engine._router
+    router = engine.router
     if path == "kernel":
         if shutil.which("c++") is None:
             pytest.skip("no C++ compiler to build the fused CPU kernel")
@@ -132,9 +132,9 @@ def test_triton_kernel_matches_peft_per_row(engine, tiny_base, mixed_ranks, step
     mask = torch.ones_like(ids)
     expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["__base__" if n == "base" else n for n in names])
     routed_logits(engine, ids, mask, names)  # makes the adapters resident: the router now exists
-    with triton_kernel(engine._router, shared) as answers:
+    with triton_kernel(engine.router, shared) as answers:
         got = routed_logits(engine, ids, mask, names)
-    assert answers == [True] * len(engine._router.layers())  # every adapted layer's delta came from the kernel
+    assert answers == [True] * len(engine.router.layers())  # every adapted layer's delta came from the kernel
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -143,7 +143,7 @@ def test_shared_inputs_route_under_inference_mode(engine, monkeypatch):
     names = ["a", "small", "base"]
     ids, mask = batch(engine, len(names))
     routed_logits(engine, ids, mask, names)
-    router = engine._router
+    router = engine.router
     monkeypatch.setattr(router, "lora_add", None)
     expected = routed_logits(engine, ids, mask, names)
     with shared_inputs(router), torch.inference_mode():
@@ -169,7 +169,7 @@ def test_shared_inputs_take_one_product_per_group(engine, monkeypatch, names):
     """q/k/v share one x·Aᵀ, gate/up another: three products fewer per block than one per layer."""
     ids, mask = batch(engine, len(names))
     routed_logits(engine, ids, mask, names)
-    router = engine._router
+    router = engine.router
     monkeypatch.setattr(router, "lora_add", None)
     counts = []
     for grouped in (False, True):
@@ -191,7 +191,7 @@ def test_each_shrink_matches_peft_on_one_row(engine, tiny_base, mixed_ranks, mon
         mask = torch.ones_like(ids)
         expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["small"])
         routed_logits(engine, ids, mask, ["small"])  # makes the adapter resident: the router now exists
-        router = engine._router
+        router = engine.router
         with router.restacked(shrink=shrink, group_inputs=shared):
             router.lora_add = None  # the torch path, where the choice applies
             got = routed_logits(engine, ids, mask, ["small"])
@@ -245,7 +245,7 @@ def test_replayed_steps_take_the_replayed_shrink(engine, tiny_base, mixed_ranks,
     expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["small"])
     routed_logits(engine, ids, mask, ["small"])  # makes the adapter resident: the router now exists
     products = engine.base.model.config.num_hidden_layers * (4 if shared else 7)
-    with engine._router.restacked(shrink="auto", group_inputs=shared) as router:
+    with engine.router.restacked(shrink="auto", group_inputs=shared) as router:
         router.lora_add = None  # the torch path, where the choice applies
         for replayed, used, unused in ((True, "mv", "mm"), (False, "mm", "mv"), (True, "mv", "mm")):
             before = dict(calls)
@@ -334,8 +334,8 @@ def test_long_mixed_prefills_are_grouped_on_the_cpu_and_masked_on_a_gpu_up_to_a_
     rows; where kernel launches do (a GPU) the three-op masked path is kept until its hidden
     tensor passes GPU_MASKED_MAX_ELEMENTS."""
     with torch.no_grad():
-        engine._make_resident([engine.registry.resolve(n) for n in ("a", "b", "small")])
-    router = engine._router
+        engine.make_resident([engine.registry.resolve(n) for n in ("a", "b", "small")])
+    router = engine.router
     assert router._device.type == "cpu"
     assert not router.use_groups(routing.KERNEL_MAX_ROWS) and router.use_groups(routing.KERNEL_MAX_ROWS + 1)
     columns = len(router.keys) * router.rank
@@ -354,7 +354,7 @@ def test_fixed_masks_route_alike_and_keep_their_storage(engine, monkeypatch):
     names = ["a", "small", "base", "b"]
     ids, mask = batch(engine, len(names))
     routed_logits(engine, ids, mask, names)  # makes the adapters resident: the router now exists
-    router = engine._router
+    router = engine.router
     monkeypatch.setattr(router, "lora_add", None)  # the torch path, which a GPU runs
     expected = routed_logits(engine, ids, mask, names)
     version = router.version
