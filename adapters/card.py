@@ -1,8 +1,14 @@
-"""`card.json`: what an adapter is, what it was trained on, and how well it does."""
+"""`card.json`: what an adapter is, what it was trained on, and how well it does.
+
+A card is strict JSON: every number in it is finite. It is refused when written with an inf or
+NaN (which Python's json would write as bare `NaN`, which no other JSON reader accepts) and when
+read with one, so a card that reads is a card whose metrics mean something.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -44,6 +50,7 @@ class DatasetInfo:
     eval_source: str
     """The eval file's path, or 'held-out fraction 0.1 of <path>'."""
     dropped_too_long: int = 0
+    """Training examples dropped as too long: over max_length tokens, or lines over max_line_bytes."""
 
 
 @dataclass
@@ -96,7 +103,12 @@ class AdapterCard:
         return data
 
     def write(self, folder: Path) -> None:
-        (folder / CARD_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write card.json; ValueError naming the field, before anything is written, for an inf or NaN."""
+        data = self.to_dict()
+        bad = next(non_finite_fields(data), None)
+        if bad is not None:
+            raise ValueError(f"adapter card {self.name!r}: {bad[0]} is {bad[1]}; a card holds only finite numbers")
+        (folder / CARD_FILE).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterCard":
@@ -114,10 +126,38 @@ def _build(kind, data: dict):
     return kind(**{k: v for k, v in data.items() if k in names})
 
 
+def non_finite_fields(data, where: str = ""):
+    """(dotted path, value) of every inf or NaN float in nested dicts and lists."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield where or "value", data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from non_finite_fields(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            yield from non_finite_fields(value, f"{where}[{i}]")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON (a card holds only finite numbers)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is valid JSON syntax, but reads as inf
+        raise ValueError(f"{text} is out of a float's range (a card holds only finite numbers)")
+    return value
+
+
+def parse_strict_json(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity, and numbers too large for a float."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def read_card(folder: Path) -> AdapterCard:
-    """The card in an adapter folder; ValueError naming the file when it is unreadable."""
+    """The card in an adapter folder; ValueError naming the file when it is unreadable or not strict JSON."""
     path = Path(folder) / CARD_FILE
     try:
-        return AdapterCard.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        return AdapterCard.from_dict(parse_strict_json(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{path}: unreadable adapter card: {err}") from err

@@ -10,24 +10,42 @@ Layout::
 A new version is written in full under .staging, moved under .versions, and only then is the
 name's symlink swapped with one rename, so a reader sees the old adapter or the new one,
 never half of one, and a reader that opened the old version keeps reading it.
+
+Each staging entry is named after its writer (`<name>@<host>@<pid>.<start time>@<token>`), so a
+later write can tell what a killed writer left (kill -9 mid-save) from what a live one is still
+writing, and removes only the former. Published files get the modes the writer's umask gives
+any new file (0644 and 0755 under the usual 022), whatever the library that wrote them chose.
+
+Retention keeps `keep_versions` versions, and besides the one just published always the newest
+version that was good (its card reads as strict JSON and records the task metric), so adapters
+that trained to garbage, or were put in by other tools, never push the last good one out.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import socket
+import stat
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from adapters.card import CARD_FILE, read_card
+
+log = logging.getLogger(__name__)
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"base"}
+STALE_STAGING_S = 24 * 3600
+"""A staging entry whose writer cannot be checked (another host, an unknown name) is left this long."""
 
 
 def _version_name() -> str:
@@ -64,9 +82,10 @@ def check_name(name: str) -> str:
 class AdapterStore:
     """Maps adapter names to folders under one root; the only place that does."""
 
-    def __init__(self, root: Path | str | None = None, keep_versions: int = 2):
+    def __init__(self, root: Path | str | None = None, keep_versions: int = 2, stale_staging_s: float = STALE_STAGING_S):
         self.root = Path(root) if root is not None else default_store_dir()
         self.keep_versions = max(1, keep_versions)
+        self.stale_staging_s = stale_staging_s
 
     def path(self, name: str) -> Path:
         """The folder an adapter name stands for, guaranteed to lie inside the store."""
@@ -95,17 +114,42 @@ class AdapterStore:
     def write(self, name: str) -> Iterator[Path]:
         """Yield an empty folder to write a new version of `name` into; publish it on success.
 
-        If the body raises, the partial folder is deleted and the current version stays.
+        If the body raises, the partial folder is deleted and the current version stays. What
+        dead writers left in .staging is removed first.
         """
         self.path(name)
-        staging = self.root / ".staging" / f"{name}-{uuid.uuid4().hex[:8]}"
+        self.remove_stale_staging()
+        staging = self._staging_entry(name)
         staging.mkdir(parents=True)
+        folder_mode = stat.S_IMODE(staging.stat().st_mode)  # mkdir's 0o777 & ~umask
         try:
             yield staging
+            _set_modes(staging, folder_mode)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self._publish(name, staging)
+
+    def _staging_entry(self, name: str, suffix: str = "") -> Path:
+        return self.root / ".staging" / f"{name}@{_writer_id()}@{uuid.uuid4().hex[:8]}{suffix}"
+
+    def remove_stale_staging(self) -> list[Path]:
+        """Remove the .staging entries of writers that are dead; returns what was removed.
+
+        A writer on this host is dead when its pid is gone or now belongs to a process started
+        at another time (pids are reused). Entries whose writer cannot be checked (another
+        host sharing the store, a name this code did not write) go once `stale_staging_s` old.
+        A live writer's entry is never removed.
+        """
+        folder = self.root / ".staging"
+        removed = []
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            alive = _staging_writer_alive(entry.name)
+            if alive is None:
+                alive = time.time() - _newest_mtime(entry) < self.stale_staging_s
+            if not alive and _remove_entry(entry):
+                removed.append(entry)
+        return removed
 
     def _publish(self, name: str, staging: Path) -> None:
         link = self.root / name
@@ -116,15 +160,23 @@ class AdapterStore:
             os.replace(link, versions / _version_name())
         final = versions / _version_name()
         os.replace(staging, final)
-        tmp_link = self.root / f".{name}.{uuid.uuid4().hex[:8]}.link"
+        # Made in .staging, so a kill before the rename leaves debris where it is cleaned up; the
+        # target is relative to the root, where the link is read after the rename.
+        tmp_link = self._staging_entry(name, ".link")
         tmp_link.symlink_to(final.relative_to(self.root), target_is_directory=True)
         os.replace(tmp_link, link)  # the one atomic step readers can observe
         self._prune(name, keep=final)
 
     def _prune(self, name: str, keep: Path) -> None:
+        """Keep `keep`, the newest keep_versions - 1 others, and the newest good one of those others."""
         old = [v for v in self.versions(name) if v != keep]
-        for stale in old[: max(0, len(old) - (self.keep_versions - 1))]:
-            shutil.rmtree(stale, ignore_errors=True)
+        retained = set(old[max(0, len(old) - (self.keep_versions - 1)) :])
+        last_good = next((v for v in reversed(old) if is_good_version(v)), None)
+        if last_good is not None:
+            retained.add(last_good)
+        for stale in old:
+            if stale not in retained:
+                shutil.rmtree(stale, ignore_errors=True)
 
     def delete(self, name: str) -> None:
         """Remove the name and every stored version of it."""
@@ -134,3 +186,96 @@ class AdapterStore:
         elif link.is_dir():
             shutil.rmtree(link)
         shutil.rmtree(self.root / ".versions" / name, ignore_errors=True)
+
+
+def is_good_version(folder: Path) -> bool:
+    """A version that was good: its card reads as strict JSON (finite numbers only) and records
+    a numeric task metric. Weights are not read: a card is what every writer of this store leaves."""
+    if not (Path(folder) / CARD_FILE).is_file():
+        return False
+    try:
+        card = read_card(folder)
+    except (ValueError, KeyError, TypeError, AttributeError):  # read_card lets a part that is no object through
+        return False
+    metric = card.metric
+    return metric is not None and all(_is_number(x) for x in (metric.base, metric.adapter))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _set_modes(folder: Path, folder_mode: int) -> None:
+    """Give everything in a staging folder the modes a new file gets under the writer's umask.
+
+    safetensors' save_file (which peft's save_pretrained calls) writes its file 0600; servers
+    often run as another user than training, so a published file must read as any file does:
+    0644 (0755 for folders and executables) under umask 022.
+    """
+    file_mode = folder_mode & 0o666
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        is_executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, folder_mode if is_executable else file_mode)
+
+
+def _writer_id() -> str:
+    """This process as a staging writer: host, pid and the pid's start time ('' where unknown)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}@{pid}.{_process_start(pid)}"
+
+
+def _process_start(pid: int) -> str:
+    """A process's start time in clock ticks since boot (Linux /proc/<pid>/stat field 22); '' where unknown."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = text.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _staging_writer_alive(entry: str) -> bool | None:
+    """Whether the writer named in a staging entry still runs; None when it cannot be checked."""
+    parts = entry.split("@")
+    if len(parts) != 4 or parts[1] != socket.gethostname():
+        return None
+    pid_text, _, start = parts[2].partition(".")
+    if not pid_text.isdigit() or int(pid_text) <= 0:
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, and belongs to another user
+    now = _process_start(pid)
+    return not start or not now or now == start
+
+
+def _newest_mtime(entry: Path) -> float:
+    """The latest modification under a staging entry (a writer adding files keeps it fresh)."""
+    try:
+        times = [entry.lstat().st_mtime]
+        if entry.is_dir() and not entry.is_symlink():
+            times += [p.lstat().st_mtime for p in entry.rglob("*")]
+    except FileNotFoundError:  # another writer's cleanup got there first
+        return time.time()
+    return max(times)
+
+
+def _remove_entry(entry: Path) -> bool:
+    """Delete a staging entry; False (logged) where it cannot be, which never stops a publish."""
+    try:
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry)
+    except FileNotFoundError:
+        return True  # another writer's cleanup removed it
+    except OSError as err:
+        log.warning("could not remove stale staging entry %s: %s", entry, err)
+        return False
+    return True

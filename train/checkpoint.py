@@ -50,10 +50,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, progress: Progress, keep: int = 2) -> Path:
-    """Write checkpoint step-N atomically (temp folder, then rename) and keep the last `keep`."""
+    """Write checkpoint step-N atomically (temp folder, then rename) and keep the last `keep`.
+
+    One process (the main one) writes a run's checkpoints, so any temp folder found here was left
+    by a run killed mid-save, and is removed.
+    """
     final = folder / f"step-{progress.step:08d}"
     tmp = folder / f".tmp-step-{progress.step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for debris in folder.glob(".tmp-step-*"):
+        shutil.rmtree(debris, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(weights, str(tmp / "adapter.safetensors"))

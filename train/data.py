@@ -8,6 +8,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -130,29 +131,79 @@ def parse_record(record: object, path, line: int) -> Example:
     raise DataError(path, f"keys {sorted(record)} match no known format ({known})", line)
 
 
-def load_examples(path: Path | str) -> list[Example]:
-    """Every example in a JSONL file; DataError at the first bad line, before anything is trained."""
+DEFAULT_MAX_LINE_BYTES = 2**20
+_SKIP_CHUNK = 2**16
+"""Bytes read at a time while skipping the rest of an over-long line."""
+
+
+@dataclass
+class ReadExamples:
+    examples: list[Example]
+    long_lines: list[int]
+    """Lines over max_line_bytes, dropped unread (1-based)."""
+
+
+def load_examples(path: Path | str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Example]:
+    """Every example in a JSONL file; DataError at the first bad or over-long line, before anything is trained."""
+    return read_examples(path, max_line_bytes, on_long="error").examples
+
+
+def read_examples(path: Path | str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, on_long: str = "error") -> ReadExamples:
+    """Every example in a JSONL file, read line by line with at most max_line_bytes + 1 bytes in memory
+    per line: a line over the limit is never parsed, and is dropped (on_long='drop', line numbers kept)
+    or rejected with a DataError naming file and line. Any other bad line is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
+    examples, long_lines = [], []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(_bounded_lines(handle, max_line_bytes), start=1):
+            if raw is None:
+                if on_long == "error":
+                    raise DataError(path, f"line longer than max_line_bytes={max_line_bytes} bytes; "
+                                          "raise --max-line-bytes or use --on-long drop", number)
+                long_lines.append(number)
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(path, f"invalid JSON: {err.msg} (column {err.colno})", number) from None
-            examples.append(parse_record(record, path, number))
+            if raw.strip():
+                examples.append(parse_record(_decode_json(raw, path, number), path, number))
     if not examples:
-        raise DataError(path, "no examples: the dataset is empty")
-    return examples
+        raise DataError(path, "no examples: the dataset is empty" if not long_lines else
+                        f"no examples left: every line is longer than max_line_bytes={max_line_bytes} bytes")
+    return ReadExamples(examples, long_lines)
+
+
+def _bounded_lines(handle, limit: int) -> Iterator[bytes | None]:
+    """Each line of a binary file (newline included), or None for a line over `limit` bytes
+    (newline excluded), whose rest is skipped in small chunks instead of read whole."""
+    while True:
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):  # at most `limit` bytes before the newline
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(_SKIP_CHUNK)
+        yield None
+
+
+def _decode_json(raw: bytes, path: Path, number: int) -> object:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not valid UTF-8 (byte {err.start + 1})", number) from None
+    except json.JSONDecodeError as err:
+        raise DataError(path, f"invalid JSON: {err.msg} (column {err.colno})", number) from None
 
 
 def file_digest(path: Path | str) -> tuple[str, int]:
-    data = Path(path).read_bytes()
-    return "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
+    """sha256 and size of a file, read in chunks (a data file may be larger than memory allows)."""
+    digest, size = hashlib.sha256(), 0
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return "sha256:" + digest.hexdigest(), size
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

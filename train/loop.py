@@ -37,7 +37,7 @@ from train.data import (
     collate,
     file_digest,
     length_grouped_batches,
-    load_examples,
+    read_examples,
     split_eval,
     tokenize,
 )
@@ -52,6 +52,14 @@ class ConfigError(ValueError):
     """A setting that does not fit the base (unknown target module, too many layers)."""
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the LoRA weights went inf or NaN: the run stops and publishes nothing.
+
+    A ValueError, so that `python -m train` reports it as it reports a bad setting (exit 2):
+    the cause is nearly always one (a learning rate or alpha too large for the data).
+    """
+
+
 @dataclass
 class PreparedData:
     train_examples: list[Example]
@@ -60,6 +68,9 @@ class PreparedData:
     eval: list[Tokenized]
     eval_source: str
     dropped: LongExamples
+    """Training examples over max_length tokens."""
+    long_lines: list[int]
+    """Training-file lines over max_line_bytes, dropped unread."""
 
 
 @dataclass
@@ -93,9 +104,14 @@ def check_lora_fits_base(lora: LoraSettings, base_path: str) -> None:
 def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     """Read, check, split and tokenize; every data error surfaces here, before the base loads."""
     data = config.data
-    examples = load_examples(data.path)
+    read = read_examples(data.path, data.max_line_bytes, data.on_long)
+    _warn_long_lines(data.path, read.long_lines, data.max_line_bytes)
+    examples = read.examples
     if data.eval_path:
-        train_ex, eval_ex, source = examples, load_examples(data.eval_path), data.eval_path
+        # Eval lines over the limit are dropped, as over-long eval examples are (below).
+        evals = read_examples(data.eval_path, data.max_line_bytes, "drop")
+        _warn_long_lines(data.eval_path, evals.long_lines, data.max_line_bytes)
+        train_ex, eval_ex, source = examples, evals.examples, data.eval_path
     else:
         train_ex, eval_ex = split_eval(examples, data.eval_fraction, config.seed)
         source = f"held-out fraction {data.eval_fraction} of {data.path}"
@@ -106,7 +122,14 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     eval_tok, _ = tokenize(eval_ex, tokenizer, data.max_length, "drop", data.eval_path or data.path)
     kept_eval = {t.line for t in eval_tok}
     eval_ex = [e for e in eval_ex if e.line in kept_eval]
-    return PreparedData(train_ex, eval_ex, train_tok, eval_tok, source, dropped)
+    return PreparedData(train_ex, eval_ex, train_tok, eval_tok, source, dropped, read.long_lines)
+
+
+def _warn_long_lines(path: str, lines: list[int], limit: int) -> None:
+    if lines:
+        shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+        log.warning("%s: %d line(s) longer than max_line_bytes=%d bytes (lines %s); dropped unread",
+                    path, len(lines), limit, shown)
 
 
 def keep_4bit_layers_differentiable(model) -> int:
@@ -242,7 +265,11 @@ def config_digest(config: TrainConfig) -> str:
 
 
 def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult:
-    """Train one adapter and publish it in the store. Nothing is written before data and settings check out."""
+    """Train one adapter and publish it in the store. Nothing is written before data and settings check out.
+
+    TrainingDiverged when the loss (every step), the trained LoRA weights or the final eval loss
+    are inf or NaN: the store is left untouched.
+    """
     store = store or AdapterStore(config.store_dir)
     set_seed(config.seed)
     check_lora_fits_base(config.lora, config.base.path)
@@ -307,7 +334,10 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
         break
     bar.close()
     progress.elapsed_s = time.perf_counter() - started
+    check_finite_weights(model, progress.step)
     final_eval = eval_loss(model, data.eval, pad_id, config.optim.micro_batch_size, device)
+    if not math.isfinite(final_eval):
+        raise TrainingDiverged(f"the eval loss after step {progress.step} is {final_eval}; nothing was published")
     progress.history.append({"step": progress.step, "eval_loss": round(final_eval, 5)})
 
     unwrapped: PeftModel = accelerator.unwrap_model(model)
@@ -351,7 +381,10 @@ def run_steps(model, items: list[Tokenized], pad_id: int, optimizer, scheduler, 
 
 
 def train_step(model, micro: list[dict], optimizer, scheduler, accelerator: Accelerator, config: TrainConfig, progress: Progress) -> float:
-    """One optimizer step over its micro-batches; returns the step's loss per target token."""
+    """One optimizer step over its micro-batches; returns the step's loss per target token.
+
+    TrainingDiverged when that loss is inf or NaN (the loss is read every step anyway).
+    """
     loss = accumulate_gradients(model, micro, accelerator, progress)
     if config.optim.max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
@@ -363,8 +396,26 @@ def train_step(model, micro: list[dict], optimizer, scheduler, accelerator: Acce
     loss_value = float(loss)
     progress.step += 1
     progress.step_in_epoch += 1
+    if not math.isfinite(loss_value):
+        # The step has already applied inf/NaN gradients: nothing after it is worth saving.
+        raise TrainingDiverged(f"training diverged at step {progress.step}: loss {loss_value}; the run stops "
+                               "before saving anything (lower --lr, or check --alpha and the data)")
     progress.last_loss = loss_value
     return loss_value
+
+
+def check_finite_weights(model, step: int) -> None:
+    """TrainingDiverged naming the first trainable (LoRA) parameter that holds inf or NaN.
+
+    One device sync for all of them: the per-parameter flags are stacked and read once.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    if not bool(finite.all()):
+        name = named[int((~finite).nonzero()[0])][0]
+        raise TrainingDiverged(f"after step {step} the trainable parameter {name} holds inf or NaN; nothing was published")
 
 
 def accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, progress: Progress) -> torch.Tensor:
@@ -449,7 +500,8 @@ def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         base=BaseInfo(config.base.path, base.fingerprint, arch, base.quantization),
         lora=LoraInfo(config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.target_modules, config.lora.last_layers, trainable, total),
-        dataset=DatasetInfo(config.data.path, digest, size, len(data.train), len(data.eval_examples), data.eval_source, data.dropped.count),
+        dataset=DatasetInfo(config.data.path, digest, size, len(data.train), len(data.eval_examples), data.eval_source,
+                            data.dropped.count + len(data.long_lines)),
         training=TrainingInfo(
             epochs=round(progress.step / steps_per_epoch, 3),
             steps=progress.step,
