@@ -21,12 +21,14 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: FORCE setup base data demo-adapters train params-table test demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
+.PHONY: FORCE setup base data demo-adapters train params-table test test-fast check-invariance demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
 
 help:
 	@echo "make demo            set up, build the demo base and adapters if missing or stale, start the server"
 	@echo "make serve           the web UI and OpenAI-compatible API on 127.0.0.1:7860 (HOST= PORT= SERVE_ARGS=)"
 	@echo "make test            run the test suite (CPU)"
+	@echo "make test-fast       the suite without the tests marked slow (under a minute)"
+	@echo "make check-invariance  1,000 concurrent requests each get their answer alone (URL= a running server)"
 	@echo "make base            train the demo base model (models/demo-base)"
 	@echo "make demo-adapters   train one adapter per demo task"
 	@echo "make train NAME=... DATA=... [BASE= R= ALPHA= LR= EPOCHS= ...]"
@@ -83,6 +85,15 @@ params-table: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (end-to-end runs, benches, the browser).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# Every request answered as it is alone, under 1,000 concurrent requests (bench/invariance.py):
+# against URL= when given, else a server of each mode started on a free loopback port.
+check-invariance: setup $(BASE)/config.json demo-adapters
+	$(PY) -m bench.invariance $(if $(URL),--url $(URL),--serve default deterministic --base $(BASE) --adapters $(ADAPTERS_DIR))
 
 bench-serve: setup $(BASE)/config.json demo-adapters
 	$(PY) -m bench.serve --base $(BASE) --adapters $(ADAPTERS_DIR)

@@ -133,7 +133,7 @@ def use_exact_4bit_kernels(model: torch.nn.Module) -> int:
     was trained against (training runs the exact path), different on CPUs without that
     instruction set, and stateful: any `state_dict()` (peft calls it when it loads or saves an
     adapter) unpacks the weight, and the next forward packs it again with a rounding that
-    drifts. The exact path depends on nothing but the weights. docs/architecture.md#exact-4bit
+    drifts. The exact path depends on nothing but the weights. docs/architecture.md#exact-4-bit
     """
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     for layer in layers:

@@ -6,6 +6,10 @@ Writes bench/results/serve.json and prints a table:
   adapter_latency_ratio  per-token decode latency at batch 1: with an adapter / the base alone
                          (the medians of interleaved runs, both at the decode loop's intra-op threads)
   hot_load_s             a new adapter folder published -> its first reply served
+  modes                  the default and the deterministic decode loop side by side: throughput (16
+                         concurrent requests), batch-1 latency, and the mismatches of a load test
+                         (bench/invariance.py: 1,000 requests from 16 threads against each one alone);
+                         deterministic_cost = 1 - its throughput / the default's
 
 This machine is a shared 2-core VM whose speed drifts by tens of percent from minute to minute;
 rounds and interleaving put both sides of each ratio under the same conditions.
@@ -29,7 +33,7 @@ from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, l
 from adapters.chat import encode_prompt
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
-from serve.batcher import ContinuousBatcher
+from serve.slots import DecodeSettings
 
 PROMPTS = {
     "sentiment": "Is this positive or negative? the kind farmer sings",
@@ -45,15 +49,62 @@ def requests_for(names: list[str], n: int, max_new: int) -> list[ChatRequest]:
 
 
 def run_engine(engine: Engine, requests: list[ChatRequest]) -> tuple[list[str], int, float]:
-    """16 client threads submit at once; the decode loop batches them step by step."""
-    batcher = ContinuousBatcher(engine)
-    batcher.wait_ready()  # a server's loop is up before its first request
+    """16 client threads submit at once; the engine's decode loop batches them step by step."""
+    loop = engine.loop()
+    loop.wait_ready()  # a server's loop is up before its first request
     start = time.perf_counter()
     with ThreadPoolExecutor(len(requests)) as pool:
-        results = list(pool.map(batcher.generate, requests))
+        results = list(pool.map(loop.generate, requests))
     elapsed = time.perf_counter() - start
-    batcher.close()
     return [r.text for r in results], sum(r.new_tokens for r in results), elapsed
+
+
+def batch1_s_per_token(engine: Engine, name: str, tokens: int, repeats: int) -> float:
+    """Median seconds per generated token of one request alone through the decode loop."""
+    request = ChatRequest(name, (Message("user", PROMPTS[name]),), SamplingParams(max_new_tokens=tokens))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = engine.generate([request])[0]
+        times.append((time.perf_counter() - start) / max(1, result.new_tokens))
+    return statistics.median(times)
+
+
+def engine_answer(engine: Engine, max_tokens: int):
+    """bench.invariance's Answer over an engine in this process."""
+    from bench.invariance import Ask
+
+    def answer(ask: Ask) -> tuple[str, int]:
+        params = SamplingParams(temperature=ask.temperature, seed=ask.seed, max_new_tokens=max_tokens)
+        result = engine.generate([ChatRequest(ask.model, (Message("user", ask.prompt),), params)])[0]
+        if result.error:
+            raise RuntimeError(result.error)
+        return result.text, result.new_tokens
+
+    return answer
+
+
+def mode_figures(args, store: AdapterStore, names: list[str], deterministic: bool) -> dict:
+    """One decode mode's throughput, batch-1 latency and load-test mismatches, on its own engine."""
+    from bench.invariance import distinct_asks, load_test
+
+    base = load_base(BaseConfig(args.base))
+    registry = AdapterRegistry(store, BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    engine = Engine(base, registry, max_loaded=8, decode=DecodeSettings(deterministic=deterministic))
+    try:
+        requests = requests_for(names, args.requests, args.max_new_tokens)
+        run_engine(engine, requests[:4])  # adapters loaded and threads chosen, as in a running server
+        throughputs = [run_engine(engine, requests) for _ in range(args.rounds)]
+        tokens_per_s = statistics.median(tokens / seconds for _, tokens, seconds in throughputs)
+        report = load_test(engine_answer(engine, args.max_new_tokens), distinct_asks(["base", *names]),
+                           args.load_requests, threads=16)
+        return {"tokens_per_s": round(tokens_per_s, 1),
+                "batch1_s_per_token": round(batch1_s_per_token(engine, names[0], 32, 5), 5),
+                "load_test": {"requests": report.requests, "distinct": report.distinct, "mismatches": report.mismatches,
+                              "errors": report.errors, "tokens_per_s": round(report.tokens_per_s, 1)}}
+    finally:
+        engine.close()
 
 
 def baseline_model(base_path: str, store: AdapterStore, names: list[str]) -> tuple[PeftModel, object]:
@@ -156,6 +207,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (both sides each round)")
+    parser.add_argument("--load-requests", type=int, default=1000, help="requests of each mode's load test")
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -200,11 +252,19 @@ def main() -> None:
         "hot_load_s": round(hot_load(engine, store, names[0]), 3),
         "targets": {"throughput_ratio": ">= 4", "adapter_latency_ratio": "<= 1.15", "hot_load_s": "<= 1"},
     }
+    engine.close()
+    modes = {mode: mode_figures(args, store, names, mode == "deterministic") for mode in ("default", "deterministic")}
+    results["modes"] = modes
+    results["deterministic_cost"] = round(1 - modes["deterministic"]["tokens_per_s"] / modes["default"]["tokens_per_s"], 3)
+    results["deterministic_batch1_latency_ratio"] = round(
+        modes["deterministic"]["batch1_s_per_token"] / modes["default"]["batch1_s_per_token"], 3)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     for key in ("machine", "engine_tokens_per_s", "baseline_tokens_per_s", "throughput_ratio", "same_outputs",
-                "adapter_latency_ratio", "hot_load_s"):
+                "adapter_latency_ratio", "hot_load_s", "deterministic_cost", "deterministic_batch1_latency_ratio"):
         print(f"{key:<24} {results[key]}")
+    for mode, figures in modes.items():
+        print(f"{mode:<24} {figures}")
     print(f"wrote {args.out}")
 
 

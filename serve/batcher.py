@@ -13,7 +13,7 @@ With `DecodeSettings(deterministic=True)` a request's tokens do not depend on wh
 server runs: each prompt is prefilled alone, every decode step runs the full width of the static
 slots (so every matrix product has the same shape whatever the load), each row's LoRA delta is
 computed from that row alone (`LoraRouter(per_row=True)`) and the loop keeps one thread count.
-docs/architecture.md#deterministic
+docs/architecture.md#deterministic-mode
 """
 
 from __future__ import annotations

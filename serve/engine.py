@@ -121,6 +121,8 @@ class ChatResult:
     """'length' when the reply hit its token limit, 'stop' otherwise (EOS, a stop string, cancelled)."""
     error_code: str | None = None
     """With `error`: one of ERROR_CODES."""
+    error_param: str | None = None
+    """With `error`: the request field at fault, where there is one (`messages[0].content`)."""
 
     @classmethod
     def failed(cls, adapter: str, err: BaseException, text: str = "", new_tokens: int = 0) -> "ChatResult":
@@ -129,7 +131,7 @@ class ChatResult:
             code = "model_not_found"
         else:
             code = getattr(err, "code", "server_error")
-        return cls(adapter, text, new_tokens, error=str(err), error_code=code)
+        return cls(adapter, text, new_tokens, error=str(err), error_code=code, error_param=getattr(err, "param", None))
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:

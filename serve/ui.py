@@ -8,16 +8,20 @@ history shows which adapter wrote each reply, and switching adapters mid-convers
 from __future__ import annotations
 
 import html
+import secrets
 import time
 
 import gradio as gr
 
 from adapters import Message
 from serve.engine import SamplingParams
-from serve.registry import BASE_NAME
+from serve.registry import BASE_NAME, UnknownAdapterError
 from serve.service import MAX_COMPARE, BusyError, Service, Timing, divergence, timed
 
 TITLE = "loraswap: one 4-bit base, many QLoRA adapters"
+REFUSED = (BusyError, UnknownAdapterError, ValueError)
+"""What a request can be refused with before it runs (a full server, an unknown adapter, a bad
+parameter or prompt: `serve.engine.RequestError` is a ValueError); the UI shows it as an error."""
 
 
 def _params(temperature: float, top_p: float, max_new_tokens: float, seed: float | None = None) -> SamplingParams:
@@ -72,14 +76,30 @@ def build_ui(service: Service) -> gr.Blocks:
 
 
 def mount_ui(app, service: Service, access) -> object:
-    """Mount the UI at / on the API's FastAPI app, behind the logins when there are any.
+    """Mount the UI at / on the API's FastAPI app, behind a login when there are logins or an API key.
 
     Gradio's queue gets the service's size limit too: beyond it the UI answers 'queue full'.
     """
     ui = build_ui(service)
     ui.queue(max_size=service.config.max_queue, default_concurrency_limit=service.config.max_queue)
-    return gr.mount_gradio_app(app, ui, path="/", auth=list(access.auth) or None, server_name=access.host,
-                               server_port=access.port, footer_links=["api"])
+    message = "Log in with the server's API key as the password (any user name)." if _key_login(access) else None
+    return gr.mount_gradio_app(app, ui, path="/", auth=gradio_auth(access), auth_message=message,
+                               server_name=access.host, server_port=access.port, footer_links=["api"])
+
+
+def _key_login(access) -> bool:
+    return not access.auth and access.api_key is not None
+
+
+def gradio_auth(access):
+    """Gradio's `auth`: the UI logins; with none but an API key, a check that takes the key as the
+    password for any user name (serve/server.py says why); None (no login) without either."""
+    if access.auth:
+        return list(access.auth)
+    if _key_login(access):
+        key = access.api_key.encode()
+        return lambda _user, password: secrets.compare_digest(password.encode(), key)
+    return None
 
 
 def _chat_tab(service: Service, choices, active: dict) -> None:
@@ -103,7 +123,7 @@ def _chat_tab(service: Service, choices, active: dict) -> None:
         reply = {"role": "assistant", "content": "", "adapter": name}
         try:
             stream = service.chat(name, _messages(system_prompt, history), _params(temp, p, new))
-        except BusyError as err:
+        except REFUSED as err:
             raise gr.Error(str(err)) from err
         active[request.session_hash] = [stream]
         try:
@@ -177,7 +197,7 @@ def _compare_tab(service: Service, choices, active: dict) -> None:
             raise gr.Error("type a prompt first")
         try:
             streams = service.compare(names, [Message("user", text)], _params(temp, 1.0, new, seed_value))
-        except BusyError as err:
+        except REFUSED as err:
             raise gr.Error(str(err)) from err
         active[request.session_hash] = streams
         started, timings = time.perf_counter(), [Timing() for _ in names]
@@ -272,7 +292,7 @@ def _api_endpoints(service: Service) -> None:
         try:
             result = service.chat(adapter, _messages(system, [{"role": "user", "content": message}]),
                                   _params(temperature, top_p, max_new_tokens, seed)).wait()
-        except BusyError as err:
+        except REFUSED as err:
             raise gr.Error(str(err)) from err
         if result.error:
             raise gr.Error(result.error)
@@ -282,7 +302,7 @@ def _api_endpoints(service: Service) -> None:
         """The prompt to each adapter in one mixed batch; the answers in the same order."""
         try:
             streams = service.compare(adapters, [Message("user", prompt)], _params(temperature, 1.0, max_new_tokens, seed))
-        except (BusyError, ValueError) as err:
+        except REFUSED as err:
             raise gr.Error(str(err)) from err
         results = [s.wait() for s in streams]
         return [r.error or r.text for r in results]

@@ -187,12 +187,13 @@ class LiveServer:
         self.service.close()
 
 
-def start_service(base: Path, store: AdapterStore, max_queue: int = 32, reports: Path | None = None):
+def start_service(base: Path, store: AdapterStore, max_queue: int = 32, reports: Path | None = None,
+                  decode: DecodeSettings = DecodeSettings()):
     from serve.service import Service, ServiceConfig
 
     reports = reports or store.root.parent / "reports"  # never the repository's own reports/
     return Service.start(ServiceConfig(base=str(base), adapters=str(store.root), max_queue=max_queue, watch_s=0.2,
-                                       reports=str(reports)))
+                                       reports=str(reports), decode=decode))
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_gpu_tiny_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "tiny.json"
     done = subprocess.run([sys.executable, "-m", "bench.gpu", "--sizes", "tiny", "--out", str(out), "--workdir", str(tmp_path),
@@ -120,6 +122,7 @@ def test_the_trainers_8bit_optimizer_registry_is_cleared_after_its_run():
     assert weight() is None
 
 
+@pytest.mark.slow
 def test_lora_products_bench_times_every_variant_and_each_computes_the_product(tmp_path):
     """bench/lora_products.py's CPU path (eager, small shapes, the compiled variants included)."""
     out = tmp_path / "products.json"

@@ -21,6 +21,7 @@ if not Path(CHROMIUM).exists() and os.environ.get("LORASWAP_REQUIRE_BROWSER") !=
     pytest.skip(f"{CHROMIUM} missing: apt-get install chromium (set LORASWAP_REQUIRE_BROWSER=1 to fail instead)", allow_module_level=True)
 
 
+@pytest.mark.slow
 def test_browser_chats_streams_compares_three_adapters_and_shows_the_table(tiny_base, two_adapters):
     from playwright.sync_api import sync_playwright
 

@@ -3,6 +3,7 @@ ones do, one graph serves every block, and evals and generation stay eager."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.test_fused_lora import IDS, assert_close, lora_model, loss_and_grads
@@ -30,6 +31,7 @@ class CountingBackend:
         return run
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_eager_loss_and_gradients(tiny_base):
     model = lora_model(tiny_base, quantize=True)
     enable_checkpointing(model)

@@ -181,6 +181,7 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.slow
 def test_compiles_for_the_h100_without_spilling(tmp_path):
     """The interpreter takes kernels the compiler would refuse; this compiles the real kernel for
     sm_90 (the H100 and H200) with Triton's own ptxas, no GPU needed, for every launch shape the

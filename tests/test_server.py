@@ -11,7 +11,7 @@ from gradio_client import Client
 
 from adapters import Message
 from serve.engine import SamplingParams
-from serve.server import AccessConfig, exposure_warning, parse_logins
+from serve.server import GRACEFUL_SHUTDOWN_S, AccessConfig, exposure_warning, parse_logins
 from tests.conftest import LiveServer, free_port, start_service
 
 USER, PASSWORD, KEY = "ana", "s3cret-pass", "test-key-123"
@@ -22,7 +22,9 @@ QUESTIONS = {"colors": "Color of cat?", "sizes": "Size of dog?"}
 def live(tiny_base, two_adapters):
     service = start_service(tiny_base, two_adapters, max_queue=4)
     access = AccessConfig("127.0.0.1", free_port(), ((USER, PASSWORD),), KEY)
-    with LiveServer(service, access) as server:
+    server = LiveServer(service, access)
+    server.server.config.timeout_graceful_shutdown = GRACEFUL_SHUTDOWN_S  # gradio_client's heartbeat stays connected
+    with server:
         yield server
 
 
@@ -81,6 +83,14 @@ def test_wrong_token_and_wrong_password_are_refused(live):
         Client(live.url, auth=(USER, "wrong"), verbose=False)
 
 
+def test_with_logins_gradios_routes_need_a_login_and_the_api_key_is_not_one(live):
+    for path in ("/config", "/gradio_api/info"):
+        assert httpx.get(f"{live.url}{path}").status_code == 401, path
+    call = httpx.post(f"{live.url}/gradio_api/call/chat", json={"data": ["colors", "Color of cat?", "", 0, 1, 8, None]})
+    assert call.status_code == 401
+    assert httpx.post(f"{live.url}/login", data={"username": USER, "password": KEY}).status_code != 200
+
+
 def test_a_flood_beyond_the_queue_gets_busy_errors_then_the_server_answers_normally(live):
     """max_queue is 4: of 16 simultaneous long requests some must be refused with 429 at once."""
     statuses: list[int] = []
@@ -107,10 +117,12 @@ def test_a_flood_beyond_the_queue_gets_busy_errors_then_the_server_answers_norma
     assert after.choices[0].message.content == "red"
 
 
-def test_logins_parse_and_exposure_warns_without_protection():
-    assert parse_logins("a:1, b:2", "--auth") == (("a", "1"), ("b", "2"))
-    with pytest.raises(ValueError, match="entry 1 is not user:password"):
-        parse_logins("nocolon", "--auth")
+def test_logins_parse_one_per_line_and_exposure_warns_without_protection():
+    assert parse_logins("a:1\nb:2, c:3\n", "--auth-file f") == (("a", "1"), ("b", "2, c:3"))  # a comma is no separator
+    with pytest.raises(ValueError, match="--auth-file f line 2: not user:password"):
+        parse_logins("a:1\nnocolon", "--auth-file f")
     assert exposure_warning(AccessConfig("127.0.0.1")) is None
     assert "without --auth (UI login) or --api-key" in exposure_warning(AccessConfig("0.0.0.0"))
+    assert "without --api-key (API token)" in exposure_warning(AccessConfig("0.0.0.0", auth=(("a", "b"),)))
+    assert exposure_warning(AccessConfig("0.0.0.0", api_key="k")) is None  # the UI takes the key as its password
     assert exposure_warning(AccessConfig("0.0.0.0", auth=(("a", "b"),), api_key="k")) is None
