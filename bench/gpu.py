@@ -410,8 +410,8 @@ def engine_throughput(engine: Engine, requests: list[ChatRequest], warm: bool = 
     finally:
         batcher.close()
     if graphs is not None:  # what the static cache's loop captured, or why it could not
-        graphs["captures"] = graphs.get("captures", 0) + (batcher.graphs.captures if batcher.graphs else 0)
-        graphs["error"] = graphs.get("error") or batcher.graph_error
+        graphs["captures"] = graphs.get("captures", 0) + (batcher.kv.graphs.captures if batcher.kv.graphs else 0)
+        graphs["error"] = graphs.get("error") or batcher.kv.graph_error
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"engine requests failed: {errors[:2]}")

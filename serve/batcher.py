@@ -154,32 +154,26 @@ class ContinuousBatcher:
         self.engine, self.max_batch, self.gather_s = engine, max_batch, gather_s
         self.deterministic = decode.deterministic
         self.threads = threads if threads is not None or not decode.deterministic else DETERMINISTIC_THREADS
-        self._slots: SlotCache | None = None
-        self.graphs: StepGraphs | None = None
-        self.graph_error: str | None = None
-        """Why the loop stopped capturing steps, if it had to."""
-        if self._keeps_slots(decode):
-            self._slots, self.graphs = self._static_cache(decode)
-        log.info("decode loop: %s", self._describe_cache())
+        self.kv: GrowingKV | StaticKV = self._static_cache(decode) if self._keeps_slots(decode) else GrowingKV()
+        """The running requests' KV cache; both kinds offer the same few methods."""
+        log.info("decode loop: %s", self.kv.describe())
         self._default_threads = torch.get_num_threads()  # read here: a new thread may report another count
         self._waiting: queue.Queue = queue.Queue()
         self._running: list[Running] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [batch, cached_len]: 0 where a row is left-padded
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self._thread.start()
 
-    def _static_cache(self, decode: DecodeSettings) -> tuple[SlotCache, StepGraphs | None]:
+    def _static_cache(self, decode: DecodeSettings) -> StaticKV:
         base = self.engine.base
         attention = getattr(base.model.config, "_attn_implementation", None)
         if attention != "sdpa":  # the slots pass a boolean 4-D mask, which only SDPA reads as such
             raise ValueError(f"the static decode cache needs sdpa attention, not {attention!r}")
         slots = SlotCache.for_model(base.model, self.max_batch, self._slot_context(decode), self._kv_dtype(), base.device)
         graphs = StepGraphs() if decode.replays_steps(base.device) else None
-        return slots, graphs
+        return StaticKV(slots, graphs, full_width=decode.deterministic)
 
     def _slot_context(self, decode: DecodeSettings) -> int:
         # no column past the model's own context: the engine never lets a request reach it
@@ -205,13 +199,6 @@ class ContinuousBatcher:
                     "keeping the growing KV cache (a smaller --graph-context fits more; --cuda-graphs insists)",
                     self.max_batch, context, need / 1e9, free / 1e9)
         return False
-
-    def _describe_cache(self) -> str:
-        if self._slots is None:
-            return "growing KV cache"
-        replayed = ", steps replayed as CUDA graphs" if self.graphs is not None else ""
-        mode = ", deterministic (full-width steps, prompts prefilled alone)" if self.deterministic else ""
-        return f"static slots of {self._slots.context} tokens{replayed}{mode}"
 
     def submit(self, request: ChatRequest | Prepared) -> Stream:
         """Queue a request. A ChatRequest is prepared here, in the caller's thread (never on the
@@ -313,9 +300,8 @@ class ContinuousBatcher:
                 self._reset()
 
     def _reset(self) -> None:
-        self._running, self._cache, self._mask = [], None, None
-        if self._slots is not None:
-            self._slots.rows = 0
+        self._running = []
+        self.kv.reset()
 
     def _admit(self, block: bool) -> list[Running]:
         """Take waiting requests (blocking only when idle); one that cannot run is answered at once."""
@@ -337,21 +323,11 @@ class ContinuousBatcher:
                 stream._finish(ChatResult(prepared.request.adapter, prompt_tokens=len(prepared.prompt)))
                 continue
             try:
-                max_new = self._fit_slot(prepared.prompt, prepared.max_new)
+                max_new = self.kv.fit(prepared.prompt, prepared.max_new)
                 new.append(Running(prepared, stream, request_generator(prepared.request.params), max_new))
             except Exception as err:  # this request's alone: its neighbours are admitted as usual
                 stream._finish(ChatResult.failed(prepared.request.adapter, err))
         return new
-
-    def _fit_slot(self, prompt: list[int], max_new: int) -> int:
-        """With the static cache, a reply capped so that prompt and reply fit one row slot."""
-        if self._slots is None:
-            return max_new
-        room = self._slots.context - len(prompt)
-        if room <= 0:
-            raise ContextLengthError(f"prompt is {len(prompt)} tokens, which fills the static decode cache's context of "
-                                     f"{self._slots.context} tokens (the server's --graph-context, DecodeSettings.context)")
-        return min(max_new, room)
 
     def _drop_cancelled(self) -> None:
         """End the running requests whose callers cancelled (or left), with the text so far."""
@@ -415,60 +391,11 @@ class ContinuousBatcher:
         return self._forward(ids, mask, positions, rows, cache), cache, mask
 
     def _decode(self) -> torch.Tensor:
-        if self._slots is not None:
-            return self._decode_slots()
-        last = torch.tensor([[s.tokens[-1]] for s in self._running])
-        positions = self._mask.sum(-1, keepdim=True)  # each row's next position: its real tokens so far
-        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
-        return self._forward(last, self._mask, positions, self._running, self._cache)
-
-    def _step_rows(self, n: int) -> tuple[int, list[str | None]]:
-        """How many slot rows a step runs for n requests, and each row's adapter key. A bucket's
-        rows past the running ones repeat the first row's adapter, so a batch on one adapter keeps
-        that adapter's own path; deterministic steps run every slot, the free ones on the base."""
-        keys = [r.adapter_key for r in self._running]
-        if self.deterministic:
-            return self._slots.capacity, keys + [None] * (self._slots.capacity - n)
-        rows = self._slots.bucket(n)
-        return rows, keys + keys[:1] * (rows - n)
-
-    def _decode_slots(self) -> torch.Tensor:
-        """One step on the static slots: captured and replayed on a GPU, eager elsewhere."""
-        slots, n = self._slots, len(self._running)
-        rows, keys = self._step_rows(n)
-        router = self.engine.router
-        if self.graphs is not None and router is not None:
-            router.fix_masks(slots.capacity)  # a replayed step reads its rows' masks where it saw them
-        model = causal_lm(self.engine.route(keys, replayed=self.graphs is not None))
-        slots.set_tokens([s.tokens[-1] for s in self._running])
-        if self.graphs is None:
-            return slots.step(model, rows)[:n]
-        signature, version = self.engine.step_signature()
-        try:
-            return self.graphs.run(slots, model, rows, signature, version)[:n]
-        except RuntimeError as err:  # a capture this stack refuses: the same steps, eagerly, from now on
-            log.exception("capturing a decode step failed; decoding without CUDA graphs")
-            self.graphs, self.graph_error = None, f"{type(err).__name__}: {err}"
-            return slots.step(model, rows)[:n]
+        return self.kv.decode(self.engine, self._running, self._forward)
 
     def _join(self, admitted: list[Running], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append the prefilled rows' caches to the running batch, left-padding the shorter side."""
-        if self._slots is not None:
-            self._slots.join(cache, mask)
-            self._running = self._running + list(admitted)
-            return
-        if self._cache is None:
-            self._cache, self._mask, self._running = cache, mask, list(admitted)
-            return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
-            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
-            layers.append((keys, values))
-        self._cache = DynamicCache(ddp_cache_data=layers)
-        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
+        """Add the prefilled rows to the running batch, after the rows already running."""
+        self.kv.join(cache, mask)
         self._running = self._running + list(admitted)
 
     def _advance(self, logits: torch.Tensor) -> None:
@@ -486,18 +413,7 @@ class ContinuousBatcher:
         if len(keep) == len(self._running):
             return
         self._running = [self._running[i] for i in keep]
-        if self._slots is not None:
-            self._slots.keep(keep)
-            return
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        if self._cache is None:
-            return
-        index = torch.tensor(keep)
-        self._cache.batch_select_indices(index.to(self._cache.layers[0].keys.device))
-        self._mask = self._mask[index]
-        self._trim_padding()
+        self.kv.keep(keep)
 
     def _pick_tokens(self, logits: torch.Tensor) -> list[int | Exception]:
         """Each running row's next token from its [vocab] logits, or the error that row hit.
@@ -536,14 +452,132 @@ class ContinuousBatcher:
                                           finish_reason=reason))
         return not final
 
+
+
+class GrowingKV:
+    """transformers' DynamicCache for the running rows, left-padded to the longest: rows joining
+    and leaving re-pad it, and every step appends one column."""
+
+    graphs = None
+    graph_error = None
+    """Its steps are never captured (their shapes change every step)."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cached_len]: 0 where a row is left-padded
+
+    def describe(self) -> str:
+        return "growing KV cache"
+
+    def fit(self, prompt: list[int], max_new: int) -> int:
+        """The reply budget this cache allows: any (the model's context was applied already)."""
+        return max_new
+
+    def reset(self) -> None:
+        self.cache, self.mask = None, None
+
+    def decode(self, engine: Engine, running: list[Running], forward) -> torch.Tensor:
+        last = torch.tensor([[s.tokens[-1]] for s in running])
+        positions = self.mask.sum(-1, keepdim=True)  # each row's next position: its real tokens so far
+        self.mask = torch.cat([self.mask, torch.ones(len(running), 1, dtype=self.mask.dtype)], dim=1)
+        return forward(last, self.mask, positions, running, self.cache)
+
+    def join(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append prefilled rows, left-padding the shorter side."""
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        layers = []
+        for old, new in zip(self.cache.layers, cache.layers):
+            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            layers.append((keys, values))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)])
+
+    def keep(self, keep: list[int]) -> None:
+        if not keep:
+            self.reset()
+            return
+        if self.cache is None:
+            return
+        index = torch.tensor(keep)
+        self.cache.batch_select_indices(index.to(self.cache.layers[0].keys.device))
+        self.mask = self.mask[index]
+        self._trim_padding()
+
     def _trim_padding(self) -> None:
         """Drop cache columns that are padding in every remaining row."""
-        used = self._mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else self._mask.shape[1]
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else self.mask.shape[1]
         if first == 0:
             return
-        self._mask = self._mask[:, first:]
-        self._cache = DynamicCache(ddp_cache_data=[(l.keys[:, :, first:], l.values[:, :, first:]) for l in self._cache.layers])
+        self.mask = self.mask[:, first:]
+        self.cache = DynamicCache(ddp_cache_data=[(l.keys[:, :, first:], l.values[:, :, first:]) for l in self.cache.layers])
+
+
+class StaticKV:
+    """The static row slots (serve/slots.py), and on a GPU the decode steps captured on them.
+
+    A step runs a power-of-two bucket of rows; the rows past the running ones repeat the first
+    row's adapter, so a batch on one adapter keeps that adapter's own path. `full_width` steps
+    (the deterministic mode) run every slot, the free ones on the base: one shape whatever the load.
+    """
+
+    def __init__(self, slots: SlotCache, graphs: StepGraphs | None, full_width: bool = False):
+        self.slots, self.graphs, self.full_width = slots, graphs, full_width
+        self.graph_error: str | None = None
+        """Why the loop stopped capturing steps, if it had to."""
+
+    def describe(self) -> str:
+        replayed = ", steps replayed as CUDA graphs" if self.graphs is not None else ""
+        mode = ", deterministic (full-width steps, prompts prefilled alone)" if self.full_width else ""
+        return f"static slots of {self.slots.context} tokens{replayed}{mode}"
+
+    def fit(self, prompt: list[int], max_new: int) -> int:
+        """A reply capped so that prompt and reply fit one row slot."""
+        room = self.slots.context - len(prompt)
+        if room <= 0:
+            raise ContextLengthError(f"prompt is {len(prompt)} tokens, which fills the static decode cache's context of "
+                                     f"{self.slots.context} tokens (the server's --graph-context, DecodeSettings.context)")
+        return min(max_new, room)
+
+    def reset(self) -> None:
+        self.slots.rows = 0
+
+    def join(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        self.slots.join(cache, mask)
+
+    def keep(self, keep: list[int]) -> None:
+        self.slots.keep(keep)
+
+    def step_rows(self, keys: list[str | None]) -> tuple[int, list[str | None]]:
+        """How many slot rows a step runs for these running rows, and each row's adapter key."""
+        n = len(keys)
+        if self.full_width:
+            return self.slots.capacity, keys + [None] * (self.slots.capacity - n)
+        rows = self.slots.bucket(n)
+        return rows, keys + keys[:1] * (rows - n)
+
+    def decode(self, engine: Engine, running: list[Running], _forward=None) -> torch.Tensor:
+        """One step on the slots: captured and replayed on a GPU, eager elsewhere."""
+        n = len(running)
+        rows, keys = self.step_rows([r.adapter_key for r in running])
+        router = engine.router
+        if self.graphs is not None and router is not None:
+            router.fix_masks(self.slots.capacity)  # a replayed step reads its rows' masks where it saw them
+        model = causal_lm(engine.route(keys, replayed=self.graphs is not None))
+        self.slots.set_tokens([s.tokens[-1] for s in running])
+        if self.graphs is None:
+            return self.slots.step(model, rows)[:n]
+        signature, version = engine.step_signature()
+        try:
+            return self.graphs.run(self.slots, model, rows, signature, version)[:n]
+        except RuntimeError as err:  # a capture this stack refuses: the same steps, eagerly, from now on
+            log.exception("capturing a decode step failed; decoding without CUDA graphs")
+            self.graphs, self.graph_error = None, f"{type(err).__name__}: {err}"
+            return self.slots.step(model, rows)[:n]
 
 
 class NonFiniteLogits(RuntimeError):

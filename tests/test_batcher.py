@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from serve.batcher import ContinuousBatcher
+from serve.batcher import ContinuousBatcher, GrowingKV, StaticKV
 from serve.slots import DecodeSettings
 from tests.conftest import PROMPTS, new_engine, request, texts
 
@@ -219,14 +219,14 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_steps(served, tiny_b
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(StepGraphs, "run", refuse)
-    batcher.graphs = StepGraphs()  # as on a GPU
+    batcher.kv.graphs = StepGraphs()  # as on a GPU
     try:
         results = [s.wait(60) for s in [batcher.submit(request(n, PROMPTS[1])) for n in ("a", "b")]]
     finally:
         batcher.close()
     assert [r.error for r in results] == [None, None]
     assert [r.text for r in results] == texts(engine, [request(n, PROMPTS[1]) for n in ("a", "b")])
-    assert batcher.graphs is None and "stream is capturing" in batcher.graph_error
+    assert batcher.kv.graphs is None and "stream is capturing" in batcher.kv.graph_error
 
 
 def test_the_static_slots_are_the_default_where_steps_replay_as_cuda_graphs(served, tiny_base):
@@ -242,7 +242,7 @@ def test_the_static_slots_are_the_default_where_steps_replay_as_cuda_graphs(serv
     _, _, registry = served
     batcher = ContinuousBatcher(new_engine(tiny_base, registry, 4))  # the default, on the CPU
     try:
-        assert batcher._slots is None and batcher.graphs is None
+        assert isinstance(batcher.kv, GrowingKV)
     finally:
         batcher.close()
 
@@ -265,7 +265,7 @@ def test_default_slots_that_would_crowd_the_device_leave_the_growing_cache(serve
         monkeypatch.setattr(batcher_module, "device_free_bytes", lambda device: free)
         batcher = ContinuousBatcher(engine, max_batch=4, decode=DecodeSettings(static_cache=asked, context=48))
         try:
-            assert (batcher._slots is not None) == kept, (free, asked)
+            assert isinstance(batcher.kv, StaticKV) == kept, (free, asked)
         finally:
             batcher.close()
     assert "keeping the growing KV cache" in caplog.text
