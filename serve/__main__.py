@@ -160,23 +160,6 @@ def cmd_web(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from serve.evaluate import evaluate_all, task_sets, write_report
-
-    registry, base = build_registry(args)
-    engine = Engine(base, registry, max_loaded=max(1, len(registry.servable())))
-    sets = task_sets(Path(args.data_dir), args.limit)
-    if not sets:
-        print(f"error: no <task>/eval.jsonl under {args.data_dir}", file=sys.stderr)
-        return 2
-    matrix = evaluate_all(engine, sets)
-    path = write_report(matrix, Path(args.reports), args.base)
-    print(path.read_text())
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description="Serve QLoRA adapters on one 4-bit base.")
     parser.add_argument("--base", default="models/demo-base", help="Base model folder or hub id.")
@@ -230,13 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="What adds each row's LoRA delta: auto (a fused C++ kernel for float32 on the CPU, torch "
                           "ops elsewhere), torch, or triton (one Triton kernel per layer for decode steps of up to 4 "
                           "rows; needs the triton package; experimental, see README, Performance).")
-    evaluate = sub.add_parser("eval", help="Every servable adapter and the base on every task's eval set.")
-    evaluate.add_argument("--data-dir", default="data", help="Folder of <task>/eval.jsonl files.")
-    evaluate.add_argument("--limit", type=int, default=200, help="Examples per task.")
-    evaluate.add_argument("--reports", default="reports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    return {"list": cmd_list, "chat": cmd_chat, "vllm": cmd_vllm, "web": cmd_web, "eval": cmd_eval}[args.command](args)
+    return {"list": cmd_list, "chat": cmd_chat, "vllm": cmd_vllm, "web": cmd_web}[args.command](args)
 
 
 if __name__ == "__main__":

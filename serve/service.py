@@ -198,7 +198,7 @@ class Service:
     def eval_matrix(self) -> tuple[list[str], list[list]] | None:
         """The latest `make eval` matrix as (headers, rows) for the adapters served now; None when
         it was never run, cannot be read, or covers none of them (another store's report)."""
-        from serve.evaluate import read_matrix
+        from serve.reports import read_matrix
 
         try:
             matrix = read_matrix(Path(self.config.reports))

@@ -304,3 +304,22 @@ def test_a_template_that_refuses_a_system_turn_serves_and_says_so_per_request(tm
         assert engine.generate([request("strict")], timeout=60)[0].error is None
     finally:
         engine.close()
+
+
+def test_the_server_starts_and_serves_beside_every_malformed_entry(tmp_path, served, other_base, tiny_base):
+    """`serve web`'s start-up (Service.start: scan, watch) and a live request, with all of them present."""
+    import httpx
+
+    from serve.server import AccessConfig
+    from tests.conftest import LiveServer, free_port, start_service
+
+    store = hostile_store(tmp_path / "store", served, other_base, sorted(ENTRIES))
+    service = start_service(tiny_base, store)
+    with LiveServer(service, AccessConfig(port=free_port())) as server:
+        models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+        reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "model": GOOD[0], "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        rejected = {r.name for r in service.registry.rejected()}
+    assert sorted(m["id"] for m in models) == sorted(["base", *GOOD])
+    assert reply.status_code == 200, reply.text
+    assert rejected == set(ENTRIES)
