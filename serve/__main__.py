@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                      help="Decode from static row slots, each step captured once as a CUDA graph and replayed "
                           "(the CPU runs the same steps eagerly). Default: on when the base loads to a GPU with "
-                          "SDPA attention; --no-cuda-graphs keeps the growing KV cache. See README, Performance.")
+                          "SDPA attention; --no-cuda-graphs keeps the growing KV cache. See docs/performance.md#device-dependent-defaults.")
     web.add_argument("--graph-context", type=int, default=1024,
                      help="With the static slots: tokens of prompt and reply one request may hold (replies are "
                           "capped to fit; a longer prompt is refused, naming this limit).")

@@ -78,7 +78,7 @@ def test_checkpoint_stays_outside_the_compiled_graph(tiny_base):
 
 def test_compiled_blocks_are_the_default_on_a_gpu_only(tiny_base):
     """Measured: 1.63x the Trainer compiled against 1.19x eager on an H100; on the CPU the demo's
-    short runs did not earn their compilation back (README, Performance)."""
+    short runs did not earn their compilation back (docs/performance.md)."""
     from types import SimpleNamespace
 
     model = lora_model(tiny_base, quantize=True)

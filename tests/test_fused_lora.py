@@ -132,7 +132,7 @@ def test_weights_repacked_before_training_are_unpacked(tiny_base):
 
 
 def test_the_fused_layers_are_the_default_on_the_cpu_only(tiny_base):
-    """Measured: faster than peft's forward on the CPU, no steady gain on an H100 (README, Performance)."""
+    """Measured: faster than peft's forward on the CPU, no steady gain on an H100 (docs/performance.md)."""
     from types import SimpleNamespace
 
     from train.loop import use_fused_lora
