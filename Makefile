@@ -81,7 +81,7 @@ train: setup
 	$(PY) -m train $(TRAIN_FLAGS)
 
 params-table: setup
-	$(PY) -m train params-table $(if $(filter-out $(BASE),models/demo-base),--base $(BASE))
+	$(PY) -m experiments params-table $(if $(filter-out $(BASE),models/demo-base),--base $(BASE))
 
 test: setup
 	$(PY) -m pytest -q
@@ -115,14 +115,14 @@ serve-vllm: setup
 RANKS ?= 1 2 4 8 16 64
 sweep: setup
 	@test -n "$(NAME)" -a -n "$(DATA)" || { echo "usage: make sweep NAME=name DATA=file.jsonl [RANKS=\"1 2 4\" ALPHAS=... LRS=... EVAL_DATA= EPOCHS= MAX_STEPS= CONFIG=]"; exit 2; }
-	$(PY) -m train.experiments sweep --ranks $(RANKS) $(if $(ALPHAS),--alphas $(ALPHAS)) $(if $(LRS),--lrs $(LRS)) $(TRAIN_FLAGS)
+	$(PY) -m experiments sweep --ranks $(RANKS) $(if $(ALPHAS),--alphas $(ALPHAS)) $(if $(LRS),--lrs $(LRS)) $(TRAIN_FLAGS)
 
 techniques: setup
 	@test -n "$(NAME)" -a -n "$(DATA)" || { echo "usage: make techniques NAME=name DATA=file.jsonl [LAST_N=2 EVAL_DATA= EPOCHS= CONFIG=]"; exit 2; }
-	$(PY) -m train.experiments techniques --last-n $(or $(LAST_N),2) $(TRAIN_FLAGS)
+	$(PY) -m experiments techniques --last-n $(or $(LAST_N),2) $(TRAIN_FLAGS)
 
 eval: setup
-	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) eval --data-dir data
+	$(PY) -m experiments eval --base $(BASE) --adapters $(ADAPTERS_DIR) --data-dir data
 
 verify: setup
 	$(PY) -m train.verify --adapters $(ADAPTERS_DIR)

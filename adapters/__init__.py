@@ -1,4 +1,5 @@
-"""The contract shared by train/ and serve/: base loading, the adapter on disk, its card, its checks."""
+"""The contract shared by train/ and serve/: base loading, the data format (`adapters.data`), the task
+metric (`adapters.metric`), the adapter on disk, its card, its checks."""
 
 from adapters.base import BaseConfig, LoadedBase, base_fingerprint, load_base, load_tokenizer
 from adapters.card import AdapterCard, read_card

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from adapters.base import BaseConfig, load_base
+from adapters.data import load_examples
 from bench.training import BenchSettings, run_ours, run_trainer
-from train.data import load_examples, tokenize
+from train.data import tokenize
 
 TARGETS = {"tokens_per_s_ratio": ">= 1.3", "peak_memory_ratio": "<= 1.0", "eval_loss_gap": "<= 5%"}
 

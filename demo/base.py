@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, get_scheduler, set_seed
 
-from adapters.chat import FALLBACK_CHAT_TEMPLATE, Message, encode_chat
+from adapters.chat import FALLBACK_CHAT_TEMPLATE, Message
+from adapters.data import Example
 from demo.tasks import GENERAL, GENERAL_MIX_VERSION, TASKS, Task, example
-from train.data import IGNORE_INDEX, Tokenized, collate, length_grouped_batches
+from train.data import Tokenized, collate, length_grouped_batches, tokenize_example
 from train.evaluate import exact_match, token_loss_sum
 
 ROLE_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -96,11 +97,8 @@ def _check_conversion(tokenizer, model_proto: bytes) -> None:
 def tokenized_examples(tokenizer, task: Task, n: int, seed: int) -> list[Tokenized]:
     """n generated chat examples of `task`, tokenized, with the loss on the replies only."""
     rng = random.Random(seed)
-    items = []
-    for _ in range(n):
-        ids, mask = encode_chat(tokenizer, [Message(**m) for m in example(task, rng)["messages"]])
-        items.append(Tokenized(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], 0))
-    return items
+    return [tokenize_example(tokenizer, Example(tuple(Message(**m) for m in example(task, rng)["messages"]), 0))
+            for _ in range(n)]
 
 
 def chat_examples(tokenizer, config: DemoBaseConfig) -> list[Tokenized]:
@@ -113,7 +111,7 @@ def chat_examples(tokenizer, config: DemoBaseConfig) -> list[Tokenized]:
 
 
 def target_tokens(items: list[Tokenized]) -> set[int]:
-    return {t for item in items for t in item.labels if t != IGNORE_INDEX}
+    return {t for item in items for t in item.targets}
 
 
 def check_reply_coverage(tokenizer, items: list[Tokenized], n_per_task: int = 300, seed: int = 7) -> None:
@@ -176,8 +174,6 @@ def pretrain(model, items: list[Tokenized], pad_id: int, config: DemoBaseConfig)
 
 
 def general_score(model, tokenizer, n: int = 200, seed: int = 12345) -> float:
-    from train.data import Example
-
     rng = random.Random(seed)
     examples = [Example(tuple(Message(**m) for m in example(GENERAL, rng)["messages"]), i) for i in range(n)]
     return exact_match(model, tokenizer, examples, torch.device("cpu")).score

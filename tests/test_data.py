@@ -6,8 +6,9 @@ import pytest
 
 from adapters.base import load_tokenizer
 from adapters.chat import Message, encode_chat, encode_prompt
+from adapters.data import DataError, load_examples
 from tests.conftest import chat, write_jsonl
-from train.data import IGNORE_INDEX, DataError, length_grouped_batches, load_examples, tokenize
+from train.data import IGNORE_INDEX, length_grouped_batches, tokenize
 
 
 def test_each_format_parses_to_the_same_conversation(tmp_path):

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from adapters.data import load_examples
 from demo.tasks import GENERAL, TASKS, write_task
-from train.data import load_examples
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -7,9 +7,11 @@ import json
 import pytest
 
 from adapters import AdapterStore
-from serve.evaluate import evaluate_all, read_matrix, task_sets, write_report
+from experiments.__main__ import main as experiments_main
+from experiments.matrix import evaluate_all, task_sets, write_report
+from experiments.sweep import SweepRow, recommend
+from serve.reports import read_matrix
 from tests.conftest import ANIMAL_SIZES, chat, start_service, write_jsonl
-from train.experiments import main as experiments_main, recommend, SweepRow
 
 
 def toy_flags(base, data, tmp_path, name: str = "toy") -> list[str]:
@@ -18,6 +20,7 @@ def toy_flags(base, data, tmp_path, name: str = "toy") -> list[str]:
             "--runs-dir", str(tmp_path / "runs"), "--adapters", str(tmp_path / "store")]
 
 
+@pytest.mark.slow
 def test_sweep_trains_one_servable_adapter_per_rank_and_reports_each(tiny_base, toy_task, tmp_path):
     reports = tmp_path / "reports"
     assert experiments_main(["sweep", "--ranks", "1", "8", "--reports", str(reports), *toy_flags(tiny_base, toy_task, tmp_path)]) == 0
@@ -42,6 +45,7 @@ def test_recommendation_is_the_smallest_setting_within_one_point_of_the_best():
     assert recommend([row(2, 0.5), row(8, 0.5)]).r == 2
 
 
+@pytest.mark.slow
 def test_techniques_compare_four_ways_and_measure_forgetting_on_the_other_sets(tiny_base, toy_task, tmp_path):
     data_dir = toy_task.parent.parent  # toy/ beside a second task's eval set
     write_jsonl(data_dir / "sizes" / "eval.jsonl", [chat(f"Size of {a}?", s) for a, s in ANIMAL_SIZES.items()])

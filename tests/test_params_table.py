@@ -6,7 +6,7 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.params_table import RANKS, SIZES, TALK, idealised_share, real_configs, shape_of, talk_rounding
+from experiments.params_table import RANKS, SIZES, TALK, idealised_share, real_configs, shape_of, talk_rounding
 
 
 def test_every_cell_of_the_talks_table_is_reproduced():

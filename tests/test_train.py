@@ -12,11 +12,12 @@ from peft import PeftModel
 import train.loop as loop
 from adapters.base import BaseConfig, load_base
 from adapters.card import read_card
+from adapters.data import load_examples
 from adapters.store import AdapterStore
 from tests.conftest import chat, write_jsonl
 from train.__main__ import main as train_cli
 from train.config import config_from_args
-from train.data import collate, load_examples, tokenize
+from train.data import collate, tokenize
 from train.evaluate import exact_match, token_loss_sum
 from train.verify import eval_examples, verify
 
@@ -70,6 +71,7 @@ def test_two_steps_change_every_lora_matrix_and_leave_the_4bit_base_frozen(tiny_
     assert all(torch.equal(after[n], w) for n, w in frozen_before.items())
 
 
+@pytest.mark.slow
 def test_end_to_end_adapter_beats_base_and_reloads_with_plain_peft(tiny_base, toy_task, tmp_path):
     assert train_cli(toy_args(tiny_base, toy_task, tmp_path)) == 0
     store = AdapterStore(tmp_path / "store")

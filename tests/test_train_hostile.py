@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 
 import train.loop as loop
 from adapters.card import CARD_FILE, AdapterCard, read_card
+from adapters.data import DataError, load_examples, read_examples
 from adapters.store import AdapterStore, _process_start, is_good_version
 from tests.conftest import chat, write_jsonl
 from train.__main__ import main as train_cli
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig, _leaves, config_from_args, config_from_dict
-from train.data import DataError, load_examples, read_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 

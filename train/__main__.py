@@ -1,22 +1,18 @@
-"""`python -m train ...`: train one QLoRA adapter (see --help), or `python -m train params-table`."""
+"""`python -m train ...`: train one QLoRA adapter (see --help)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
+from adapters.data import DataError
 from adapters.store import AdapterNameError
 from train.config import config_from_args
-from train.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv[:1] == ["params-table"]:
-        from train.params_table import main as params_main
-
-        return params_main(argv[1:])
     try:
         config = config_from_args(argv)
         from train.loop import ConfigError, train

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from adapters.chat import encode_prompt, left_pad
-from train.data import IGNORE_INDEX, Example, Tokenized, collate
+from adapters.data import Example
+from adapters.metric import is_exact_match
+from train.data import IGNORE_INDEX, Tokenized, collate
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device | None = None) -> tuple[torch.Tensor, int]:
@@ -60,10 +62,6 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int, devic
     return total / max(count, 1)
 
 
-def normalize(text: str) -> str:
-    return text.strip()
-
-
 @dataclass
 class ExactMatch:
     score: float
@@ -94,9 +92,9 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
 
 
 def exact_match(model, tokenizer, examples: list[Example], device, batch_size: int = 32) -> ExactMatch:
-    """Share of examples whose greedy reply equals the reference reply (whitespace-stripped)."""
+    """Share of examples whose greedy reply is an exact match of the reference (`adapters.metric`)."""
     prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
     longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
     replies = generate_replies(model, tokenizer, prompts, longest + 8, batch_size, device)
-    hits = sum(normalize(r) == normalize(e.reference) for r, e in zip(replies, examples))
+    hits = sum(is_exact_match(r, e.reference) for r, e in zip(replies, examples))
     return ExactMatch(hits / len(examples), replies)

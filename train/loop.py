@@ -25,19 +25,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler, set_se
 
 from adapters.base import LoadedBase, load_base, load_tokenizer, resolve_device, under_fsdp
 from adapters.card import AdapterCard, BaseInfo, DatasetInfo, LoraInfo, MetricInfo, TrainingInfo
+from adapters.data import Example, read_examples
 from adapters.store import AdapterStore
 from train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.compiled import compile_blocks
 from train.config import LoraSettings, TrainConfig, config_to_dict
 from train.data import (
     IGNORE_INDEX,
-    Example,
     LongExamples,
     Tokenized,
     collate,
     file_digest,
     length_grouped_batches,
-    read_examples,
     split_eval,
     tokenize,
 )

@@ -12,8 +12,9 @@ from peft import PeftModel
 
 from adapters.base import BaseConfig, load_base
 from adapters.card import AdapterCard, read_card
+from adapters.data import Example, load_examples
 from adapters.store import AdapterStore
-from train.data import Example, load_examples, split_eval
+from train.data import split_eval
 from train.evaluate import exact_match
 
 HELD_OUT = "held-out fraction "

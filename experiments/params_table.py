@@ -105,7 +105,7 @@ def exact_table(shapes: dict[str, Shape]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train params-table", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments params-table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", action="append", default=[], help="Also count for this model folder or hub id (repeatable).")
     args = parser.parse_args(argv)

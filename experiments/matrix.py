@@ -2,37 +2,25 @@
 
 Generation goes through the serving engine: requests are interleaved example by example, so every
 batch mixes all the adapters (the same path a server's traffic takes). Exact match is the
-training metric's (`train.evaluate.normalize`). Written to reports/eval.md, eval.png and eval.json
-(the UI's Adapters tab shows the matrix from the JSON).
+training metric's (`adapters.metric`). Written to reports/eval.md, eval.png and eval.json
+(the UI's Adapters tab shows the matrix from the JSON: `serve.reports.read_matrix`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from adapters import AdapterStore, BaseConfig, BaseShape, load_base
+from adapters.data import Example, load_examples
+from adapters.metric import is_exact_match
+from experiments.report import markdown_table, plot_heatmap
 from serve.engine import ChatRequest, Engine, SamplingParams
-from serve.registry import BASE_NAME
-from train.data import Example, load_examples
-from train.evaluate import normalize
-from train.report import markdown_table, plot_heatmap
-
-EVAL_JSON = "eval.json"
-
-
-@dataclass
-class EvalMatrix:
-    models: list[str]
-    tasks: list[str]
-    scores: dict[str, dict[str, float]]
-    """model -> task -> exact match."""
-    trained_on: dict[str, str]
-    """adapter -> the task its card names (the diagonal)."""
-    examples: dict[str, int]
-
-    def row(self, model: str) -> list[float]:
-        return [self.scores[model][t] for t in self.tasks]
+from serve.registry import BASE_NAME, AdapterRegistry
+from serve.reports import EVAL_JSON, EvalMatrix
 
 
 def task_sets(data_dir: Path, limit: int) -> dict[str, list[Example]]:
@@ -57,7 +45,7 @@ def evaluate_all(engine: Engine, sets: dict[str, list[Example]]) -> EvalMatrix:
     for (model, task, example), result in zip(jobs, results):
         if result.error:
             raise RuntimeError(f"{model} on {task}: {result.error}")
-        hits[model][task] += normalize(result.text) == normalize(example.reference)
+        hits[model][task] += is_exact_match(result.text, example.reference)
     scores = {m: {t: hits[m][t] / len(sets[t]) for t in sets} for m in models}
     trained_on = {e.name: e.card.task for e in entries if e.card is not None}
     return EvalMatrix(models, list(sets), scores, trained_on, {t: len(x) for t, x in sets.items()})
@@ -89,8 +77,33 @@ task (from its card). Examples per task: {counts}.
     return reports / "eval.md"
 
 
-def read_matrix(reports: Path) -> EvalMatrix | None:
-    path = Path(reports) / EVAL_JSON
-    if not path.is_file():
-        return None
-    return EvalMatrix(**json.loads(path.read_text()))
+def build_engine(base_path: str, adapters: str | None, quantize: bool) -> Engine:
+    """The serving engine over every servable adapter, all of them loaded at once."""
+    base = load_base(BaseConfig(base_path, quantize=quantize))
+    registry = AdapterRegistry(AdapterStore(adapters), BaseShape.of(base.model, base.fingerprint))
+    registry.refresh()
+    return Engine(base, registry, max_loaded=max(1, len(registry.servable())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments eval",
+                                     description="Every servable adapter and the base on every task's eval set.")
+    parser.add_argument("--base", default="models/demo-base", help="Base model folder or hub id.")
+    parser.add_argument("--adapters", default=None, help="Adapter store (default: $ADAPTERS_DIR or adapters/store).")
+    parser.add_argument("--no-quant", action="store_true", help="Load the base unquantized.")
+    parser.add_argument("--data-dir", default="data", help="Folder of <task>/eval.jsonl files.")
+    parser.add_argument("--limit", type=int, default=200, help="Examples per task.")
+    parser.add_argument("--reports", default="reports")
+    args = parser.parse_args(argv)
+    engine = build_engine(args.base, args.adapters, quantize=not args.no_quant)
+    try:
+        sets = task_sets(Path(args.data_dir), args.limit)
+        if not sets:
+            print(f"error: no <task>/eval.jsonl under {args.data_dir}", file=sys.stderr)
+            return 2
+        matrix = evaluate_all(engine, sets)
+    finally:
+        engine.close()
+    path = write_report(matrix, Path(args.reports), args.base)
+    print(path.read_text())
+    return 0
