@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from adapters.chat import FALLBACK_CHAT_TEMPLATE
+from adapters.chat import FALLBACK_CHAT_TEMPLATE, end_of_turn_token
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BASE = "models/demo-base"
+"""The base every command loads unless told otherwise: the demo base `make base` trains."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -31,7 +33,7 @@ class BaseConfig:
     """Which base to load and how."""
 
     path: str = field(
-        default="models/demo-base",
+        default=DEFAULT_BASE,
         metadata={"help": "Base model: a Hugging Face causal-LM folder, or a hub id where a network exists."},
     )
     quantize: bool = field(
@@ -64,6 +66,30 @@ class LoadedBase:
     @property
     def quantization(self) -> str:
         return "nf4-double-quant" if self.config.quantize else "none"
+
+    stop_token_ids: frozenset[int] | None = None
+    """Token ids that end a reply (`stop_token_ids`); computed from the model and tokenizer when not given."""
+
+    def __post_init__(self) -> None:
+        if self.stop_token_ids is None:
+            self.stop_token_ids = stop_token_ids(self.model, self.tokenizer)
+
+
+def stop_token_ids(model, tokenizer, template: str | None = None) -> frozenset[int]:
+    """Token ids that end a reply: every id the model's generation config lists as EOS (Llama-3
+    lists three), the tokenizer's EOS, and the end-of-turn token the chat template (`template`,
+    else the tokenizer's) writes after an assistant reply (`adapters.chat.end_of_turn_token`)."""
+    ids = {tokenizer.eos_token_id}
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(listed if isinstance(listed, (list, tuple)) else [listed])
+    ids.add(end_of_turn_id(tokenizer, template))
+    return frozenset(i for i in ids if i is not None)
+
+
+def end_of_turn_id(tokenizer, template: str | None = None) -> int | None:
+    """The id of the token the chat template closes an assistant turn with; None when it writes none."""
+    token = end_of_turn_token(tokenizer, template)
+    return None if token is None else tokenizer.convert_tokens_to_ids(token)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -40,12 +40,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from adapters.chat import encode_prompt
+from bench import lora_triton
 from bench.decode_graph import static_decode
 from bench.profiling import Window, profile_window, report, synchronize
+from bench.routing import restacked
 from bench.training import BenchSettings, OursRun, run_ours, run_trainer
 from serve.batcher import ContinuousBatcher
 from serve.engine import ChatRequest, Engine, SamplingParams
-from serve.kernels import lora_triton
 from serve.registry import AdapterRegistry
 from serve.routing import SHRINKS
 from serve.slots import DecodeSettings
@@ -529,7 +530,7 @@ def _steps_by_shrink(engine: Engine, entry, tokens: int, mode: str, base_steps_p
     with engine.lock:
         router = engine.router
         for shrink in SHRINKS:
-            with router.restacked(shrink=shrink):
+            with restacked(router, shrink=shrink):
                 router.lora_add = None
                 runs[shrink] = _static_runs(engine, {"adapter": [entry.key]}, tokens, modes=(mode,))["adapter", mode]
     return {shrink: {"tokens_per_s": round(run.steps_per_s, 1), "vs_base": round(run.steps_per_s / base_steps_per_s, 3),
@@ -566,7 +567,7 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
     with engine.lock:
         engine.make_resident(entries[:16])
         for shared in (True, False):
-            with engine.router.restacked(group_inputs=shared) as router:
+            with restacked(engine.router, group_inputs=shared) as router:
                 router.lora_add = None  # both ways on the torch paths a GPU runs (the CPU kernel takes no groups)
                 runs[shared] = _static_runs(engine, cases, tokens)
     out = {}
@@ -582,37 +583,35 @@ def bench_shared_inputs(engine: Engine, entries: list, tokens: int) -> dict:
 
 
 def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
-    """The routed delta from the Triton kernel (`serve/kernels/lora_triton.py`: one launch per
-    layer) against the torch products a GPU runs by default: one row on one adapter, and four rows
-    over four adapters (the kernel takes up to MAX_ROWS rows); eager and, on a GPU, graphed, with
-    the base at batch 1 beside them for the ratio the batch-1 target names. The kernel keeps h in
-    float32 where torch rounds it to bf16, so the tokens may part on random weights: reported, not
-    required. `kernel_answers` counts the calls the kernel took and declined (graph replays do not
-    call Python: eager steps and captures only). Then `sweep`: one adapter at batch 1 with each of
-    `KERNEL_SWEEP`'s launch shapes (graphed on a GPU, where launches cost what they do in a
-    server that captures; on the CPU, interpreted, one timed step each: the code path, no more),
-    to choose the default from."""
-    if not triton_runs_here(engine):
+    """The routed delta from the Triton kernel (bench/lora_triton.py: one launch per layer; it
+    lost, and left the product) against the torch products a GPU runs by default: one row on one
+    adapter, and four rows over four adapters (the kernel takes up to MAX_ROWS rows); eager and,
+    on a GPU, graphed, with the base at batch 1 beside them for the ratio the batch-1 target
+    names. The kernel keeps h in float32 where torch rounds it to bf16, so the tokens may part on
+    random weights: reported, not required. `kernel_answers` counts the calls the kernel took and
+    declined (graph replays do not call Python: eager steps and captures only). Then `sweep`: one
+    adapter at batch 1 with each of `lora_triton.KERNEL_SWEEP`'s launch shapes (graphed on a GPU,
+    where launches cost what they do in a server that captures; on the CPU, interpreted, one
+    timed step each: the code path, no more)."""
+    if not lora_triton.runs_on(engine.base.device):
         return {"skipped": "needs triton, and a GPU (on the CPU: TRITON_INTERPRET=1 set before triton is imported)"}
     cases = {"torch": {"base_batch1": [None], "adapter_batch1": [entries[0].key], "adapters4_batch4": [e.key for e in entries[:4]]}}
     cases["triton"] = {case: keys for case, keys in cases["torch"].items() if case != "base_batch1"}
-    runs, answers, sweep = {}, {True: 0, False: 0}, {}
+    runs, sweep = {}, {}
     mode = _static_modes(engine.base.device)[-1]
     with engine.lock:
         engine.make_resident(entries[:4])
         router = engine.router
-        for kernel in ("torch", "triton"):
-            with router.restacked(kernel=kernel):
-                if kernel == "triton":
-                    router.lora_add = lambda *args: _counted(answers, lora_triton.lora_add_(*args))
-                runs[kernel] = _static_runs(engine, cases[kernel], tokens)
-        with router.restacked(kernel="triton"):
-            for config in KERNEL_SWEEP:
-                router.lora_add = functools.partial(lora_triton.lora_add_, config=config)
+        with restacked(router, kernel="torch"):
+            runs["torch"] = _static_runs(engine, cases["torch"], tokens)
+        with lora_triton.routed(router) as answers:
+            runs["triton"] = _static_runs(engine, cases["triton"], tokens)
+        for config in lora_triton.KERNEL_SWEEP:
+            with lora_triton.routed(router, config):
                 sweep[config] = static_decode(engine.route(cases["triton"]["adapter_batch1"], replayed=mode == "graphed"),
                                               prompt_ids(engine.base.tokenizer, 1, engine.base.device),
                                               tokens if mode == "graphed" else 4, graph=mode == "graphed")
-    out: dict = {"kernel_answers": {"taken": answers[True], "declined": answers[False]}}
+    out: dict = {"kernel_answers": {"taken": answers.count(True), "declined": answers.count(False)}}
     default_run = runs["triton"]["adapter_batch1", mode]
     out["sweep"] = [{**asdict(config), "mode": mode, "adapter_batch1_tokens_per_s": round(run.steps_per_s, 1),
                      "vs_default": round(run.steps_per_s / default_run.steps_per_s, 3)} for config, run in sweep.items()]
@@ -630,22 +629,6 @@ def bench_lora_kernel(engine: Engine, entries: list, tokens: int) -> dict:
     return out
 
 
-KERNEL_SWEEP = (lora_triton.KernelConfig(block_k=512, num_warps=4), lora_triton.KernelConfig(block_k=1024, num_warps=8),
-                lora_triton.KernelConfig(block_k=2048), lora_triton.KernelConfig(programs_per_row=16),
-                lora_triton.KernelConfig(programs_per_row=64))
-"""Launch shapes timed beside the Triton kernel's default (`lora_triton.DEFAULT`): narrower steps
-of the `x·Aᵀ` loop with fewer warps, and fewer or more programs per row."""
-
-
-def triton_runs_here(engine: Engine) -> bool:
-    return lora_triton.available() and (engine.base.device.type == "cuda" or lora_triton.INTERPRETED)
-
-
-def _counted(answers: dict, answer: bool) -> bool:
-    answers[bool(answer)] += 1
-    return answer
-
-
 def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
     """The engine with the static decode cache (`serve/slots.py`): on a GPU each batch bucket's step
     is captured once and replayed (the warm run captures; the timed run replays), on the CPU the
@@ -661,7 +644,7 @@ def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
     for label, adapters in (("base", ["base"]), ("adapter", names[:1])):
         out[f"engine_static_batch1_{label}_tokens_per_s"] = round(engine_throughput(
             engine, chat_requests(adapters, 1, plan.new_tokens), decode=decode, graphs=graphs), 2)
-    if plan.runs("lora_kernel") and triton_runs_here(engine):  # apart: if the kernel fails, the rest still counts
+    if plan.runs("lora_kernel") and lora_triton.runs_on(engine.base.device):  # apart: if the kernel fails, the rest still counts
         out["triton"] = attempt(lambda: _static_batch1_triton(engine, names[0], plan, decode, graphs,
                                                               out["engine_static_batch1_base_tokens_per_s"]))
     out["graph_captures"], out["graph_error"] = graphs["captures"], graphs["error"]
@@ -676,9 +659,9 @@ def bench_static_engine(engine: Engine, names: list[str], plan: Plan) -> dict:
 
 def _static_batch1_triton(engine: Engine, name: str, plan: Plan, decode: DecodeSettings, graphs: dict,
                           base_tokens_per_s: float) -> dict:
-    """One request on one adapter through the static engine with the Triton LoRA kernel: the
-    server as `--cuda-graphs --lora-kernel triton` runs it."""
-    with engine.router.restacked(kernel="triton"):  # no decode loop runs on it in between
+    """One request on one adapter through the static engine with the Triton LoRA kernel, as the
+    server ran it with `--lora-kernel triton` before the kernel left the product."""
+    with lora_triton.routed(engine.router):  # the adapter is resident: nothing rebuilds the router meanwhile
         rate = engine_throughput(engine, chat_requests([name], 1, plan.new_tokens), decode=decode, graphs=graphs)
     return {"engine_static_batch1_adapter_tokens_per_s": round(rate, 2),
             "static_batch1_adapter_vs_base": round(rate / base_tokens_per_s, 3)}

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
+from adapters.base import DEFAULT_BASE
+
 PROMPTS = (
     "Is this positive or negative? the kind farmer sings",
     "How many words? red cat sits near the river",
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="A running server, e.g. http://127.0.0.1:7860.")
     where.add_argument("--serve", choices=("default", "deterministic"), nargs="+",
                        help="Start a server in each of these modes in turn and check it.")
-    parser.add_argument("--base", default="models/demo-base")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--adapters", default=None)
     parser.add_argument("--api-key", default=os.environ.get("LORASWAP_API_KEY") or None)
     parser.add_argument("--requests", type=int, default=1000)

@@ -30,6 +30,7 @@ import torch
 from peft import PeftModel
 
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
+from adapters.base import DEFAULT_BASE
 from adapters.chat import encode_prompt
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
@@ -202,7 +203,7 @@ def hot_load(engine: Engine, store: AdapterStore, source: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="models/demo-base")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--adapters", default=None)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.base import BaseConfig, load_base
+from adapters.base import DEFAULT_BASE, BaseConfig, load_base
 from adapters.data import load_examples
 from bench.training import BenchSettings, run_ours, run_trainer
 from train.data import tokenize
@@ -81,7 +81,7 @@ def _child(args, which: str, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="models/demo-base")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--data", default="data/general/train.jsonl")
     parser.add_argument("--eval-data", default="data/general/eval.jsonl")
     parser.add_argument("--examples", type=int, default=None, help="use the first N training examples")

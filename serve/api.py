@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 from starlette.requests import ClientDisconnect
 
 from adapters import Message
+from adapters.cli import AT_LEAST_ONE, opt
 from serve.engine import SEED_RANGE, ChatResult, RequestError, SamplingParams
 from serve.registry import UnknownAdapterError
 from serve.service import BusyError, Service
@@ -56,13 +57,12 @@ _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 class ApiLimits:
     """Bounds on one request, each refused with a clear error past it."""
 
-    max_body_bytes: int = 1 << 20
-    """A larger body is a 413, judged by Content-Length before reading and by counting while a chunked body streams in."""
-    max_messages: int = 128
-    max_stop: int = 16
-    """Entries of `stop` (OpenAI allows 4; more is harmless but each is searched for at every token)."""
-    max_stop_chars: int = 256
-    """Characters per stop string."""
+    max_body_bytes: int = opt(1 << 20, "Largest API request body in bytes; larger is a 413, judged by Content-Length "
+                                       "before reading and by counting while a chunked body streams in.", range=AT_LEAST_ONE)
+    max_messages: int = opt(128, "Most messages in one API request.", range=AT_LEAST_ONE)
+    max_stop: int = opt(16, "Most stop strings in one API request (OpenAI allows 4; more is harmless, but each is "
+                            "searched for at every token).", range=AT_LEAST_ONE)
+    max_stop_chars: int = opt(256, "Longest stop string in an API request, in characters.", range=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -154,6 +154,8 @@ class ContinuousBatcher:
         self.engine, self.max_batch, self.gather_s = engine, max_batch, gather_s
         self.deterministic = decode.deterministic
         self.threads = threads if threads is not None or not decode.deterministic else DETERMINISTIC_THREADS
+        self.stop_ids = engine.base.stop_token_ids
+        """The tokens that end a reply (`LoadedBase.stop_token_ids`)."""
         self.kv: GrowingKV | StaticKV = self._static_cache(decode) if self._keeps_slots(decode) else GrowingKV()
         """The running requests' KV cache; both kinds offer the same few methods."""
         log.info("decode loop: %s", self.kv.describe())
@@ -435,7 +437,7 @@ class ContinuousBatcher:
     def _append(self, seq: Running, token: int) -> bool:
         """Record a token and stream the new text; True while the request goes on."""
         tokenizer = self.engine.base.tokenizer
-        finished = token == tokenizer.eos_token_id
+        finished = token in self.stop_ids or token in seq.prepared.stop_ids
         if not finished:
             seq.tokens.append(token)
         text = tokenizer.decode(seq.tokens, skip_special_tokens=True).lstrip()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from adapters.base import LoadedBase
+from adapters.base import LoadedBase, end_of_turn_id
 from adapters.chat import Message, encode_prompt
 from adapters.store import CHAT_TEMPLATE_FILE
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
@@ -103,6 +103,9 @@ class Prepared:
     prompt: list[int]
     max_new: int
     """The reply's token budget: the request's, capped by the server and by the model's context."""
+    stop_ids: frozenset[int] = frozenset()
+    """Tokens that end this reply beyond the base's own: the end of turn of the adapter's chat
+    template and the stop ids its card records (`Engine.stop_ids`)."""
 
 
 ERROR_CODES = ("model_not_found", "context_length_exceeded", "invalid_request_error", "adapter_unavailable",
@@ -176,7 +179,7 @@ class Engine:
 
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, max_loaded: int = 8, limits: ServeLimits = ServeLimits(),
                  lora_kernel: str = "auto", decode: DecodeSettings = DecodeSettings()):
-        LoraRouter.check_kernel(lora_kernel, base.device)  # a bad choice fails here, not at the first adapter request
+        LoraRouter.check_kernel(lora_kernel)  # a bad choice fails here, not at the first adapter request
         self.base, self.registry, self.limits, self.decode = base, registry, limits, decode
         self.lora_kernel = lora_kernel
         """Which fused kernel adds the routed LoRA delta where it applies (`serve.routing.KERNELS`)."""
@@ -189,6 +192,8 @@ class Engine:
         """Held while the model runs or its adapters change: the decode loop holds it for a step."""
         self._templates: dict[str, str | None] = {}
         self._names: dict[str, str] = {}
+        self._stops: dict[str, frozenset[int]] = {}
+        """Adapter key -> its stop tokens (`stop_ids`); a key is one published version, so never stale."""
         """Adapter key -> adapter name (keys escape '.', so a name is not recoverable from its key)."""
         self.loads_from_disk = 0
         self.decode_threads: int | None = None
@@ -339,7 +344,20 @@ class Engine:
                 raise ContextLengthError(f"prompt is {len(prompt)} tokens, which fills the model's context of {context} tokens",
                                          "messages")
             max_new = min(max_new, context - len(prompt))
-        return Prepared(request, entry, prompt, max_new)
+        return Prepared(request, entry, prompt, max_new, self.stop_ids(entry))
+
+    def stop_ids(self, entry: AdapterEntry | None) -> frozenset[int]:
+        """The tokens that end a reply for this adapter (None: the base alone): the base's, the end
+        of turn its own chat template writes, and those its card records; found once per version."""
+        if entry is None:
+            return self.base.stop_token_ids
+        if entry.key not in self._stops:
+            card_chat = entry.card.chat if entry.card is not None else None
+            recorded = frozenset(card_chat.stop_token_ids) if card_chat is not None else frozenset()
+            template = self._template(entry)
+            own = end_of_turn_id(self.base.tokenizer, template) if template is not None else None
+            self._stops[entry.key] = self.base.stop_token_ids | recorded | ({own} - {None})
+        return self._stops[entry.key]
 
     def _encode(self, request: ChatRequest, entry: AdapterEntry | None) -> list[int]:
         for i, message in enumerate(request.messages):

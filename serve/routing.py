@@ -7,8 +7,7 @@ zero-padded to the largest, R; slot s owns rows s·R .. s·R+R of both), and one
 same few operations per layer however many adapters the batch mixes:
 
 - on the CPU in float32, one call of a fused kernel (`serve/kernels`) that computes each row's
-  `scale·(x·Aₛᵀ)·Bₛ` for its own slot s and adds it to the base layer's output; on a GPU, when
-  asked for (`kernel="triton"`), a Triton kernel that does the same for decode steps of a few rows;
+  `scale·(x·Aₛᵀ)·Bₛ` for its own slot s and adds it to the base layer's output;
 - otherwise (a GPU, other dtypes, long prefills) torch ops: when every row uses one adapter, two
   matrix products with that slot's own blocks (for a single row in a step replayed from a CUDA
   graph, the first is a compiled reduction: `SHRINKS`, `auto_shrinks`); when rows mix adapters,
@@ -32,15 +31,14 @@ embedding LoRA, modules_to_save).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
 
 from serve import kernels
-from serve.kernels import lora_triton
 
 KERNEL_MAX_ROWS = 64
 """Above this many rows (a long prefill) torch's blocked matrix products beat the row-at-a-time kernel."""
@@ -52,10 +50,10 @@ Grouping launches about five kernels per adapter per layer, and on a GPU at thes
 launches, not the arithmetic, set the time; at the bound the masked path's extra arithmetic is
 still a few percent of the base's own."""
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch")
 """`LoraRouter`'s kernel choices: auto (the fused CPU kernel for float32 on the CPU, torch ops
-elsewhere), torch (torch ops everywhere), triton (`serve/kernels/lora_triton.py` for decode steps
-of up to its MAX_ROWS rows, torch ops for the rest; experimental until bench-gpu has timed it)."""
+elsewhere), torch (torch ops everywhere). (A Triton kernel for GPU decode steps lost to the torch
+ops on an H100 and left for bench/: docs/history/triton-lora-kernel.md.)"""
 
 BASE = -1
 """`LoraRouter.single` when every row uses the base alone."""
@@ -87,21 +85,15 @@ def _reduce(x2: torch.Tensor, At: torch.Tensor) -> torch.Tensor:
         return _compiled_row_reduce()(x2, At)
 
 
-SHRINKS = {
-    "mm": torch.mm,
-    "mm_A_x": lambda x2, At: torch.mm(At.t(), x2.t()).t() if x2.shape[0] == 1 else torch.mm(x2, At),
-    "mv": lambda x2, At: torch.mv(At.t(), x2[0]).unsqueeze(0) if x2.shape[0] == 1 else torch.mm(x2, At),
-    "reduce": _reduce,
-}
+SHRINKS = {"mm": torch.mm, "reduce": _reduce}
 """How the one-adapter path computes `x·Aᵀ` ([rows, in] times one slot's [in, R] block, a
-transposed view of its contiguous rows): `LoraRouter(shrink=...)`. For a single row (a batch-1
-decode step) cuBLAS runs `mm` as a split-K GEMM plus a reduction kernel, about 5.9 µs for 0.1 µs
-of memory traffic on an H100 (bench-gpu run 1's profile); `mm_A_x` and `mv` hand it the product
-the other way round and as a matrix-vector product, and were no faster in a decode step (run 5). `reduce` is one
-kernel that Inductor generates (torch.compile) for the elementwise product and its sum: 1.8 to
-3.4 µs against mm's 5.3 to 6.6 (run 5, bench/lora_products.py, in CUDA graphs). Its call costs
-dynamo's guards and Inductor's wrapper on the host, about 25 µs on the CI machine against
-1.4 µs for `mm`, which only a replayed graph skips. More rows always take `mm`."""
+transposed view of its contiguous rows): `LoraRouter(shrink=...)`; `auto` uses both. For a single
+row (a batch-1 decode step) cuBLAS runs `mm` as a split-K GEMM plus a reduction kernel, slow for
+the little memory it reads (docs/performance.md). `reduce` is one kernel that Inductor generates
+(torch.compile) for the elementwise product and its sum, faster on a GPU in CUDA graphs
+(bench/lora_products.py times both, and the other ways torch offers). Its call costs dynamo's
+guards and Inductor's wrapper on the host, many times `mm`'s, which only a replayed graph skips.
+More rows always take `mm`."""
 
 SHRINK_CHOICES = ("auto", *SHRINKS)
 """`LoraRouter(shrink=...)`: auto picks per step (`auto_shrinks`), the others apply to every step."""
@@ -111,8 +103,14 @@ def auto_shrinks(device: torch.device) -> tuple[str, str]:
     """auto's shrink for (steps launched from Python, steps replayed from CUDA graphs) on `device`:
     `reduce` only where its host cost is never paid, in replayed steps, and only on a CUDA device
     with Triton for Inductor to write the kernel in; `mm` everywhere else."""
-    replayed = "reduce" if device.type == "cuda" and lora_triton.available() else "mm"
+    replayed = "reduce" if device.type == "cuda" and triton_installed() else "mm"
     return "mm", replayed
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether Inductor can write GPU kernels here (torch's CUDA builds bring Triton with them)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 PACKED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -197,8 +195,8 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return result
     stacks: LayerStacks = self._stacks
     # The kernel declines (False) what it does not take: other dtypes, strided rows, autograd,
-    # and steps over `kernel_rows` rows (the CPU kernel's KERNEL_MAX_ROWS; Triton's few), where
-    # torch's blocked matrix products are faster.
+    # and steps over `kernel_rows` rows (KERNEL_MAX_ROWS), where torch's blocked matrix products
+    # are faster.
     if router.lora_add is not None and router.lora_add(result, x, stacks.A, stacks.Bt, router.item_slots,
                                                        stacks.scale_t, router.rank, router.kernel_rows):
         return result
@@ -284,7 +282,7 @@ class LoraRouter:
         """How the torch path's one-adapter steps compute a row's `x·Aᵀ` (`SHRINK_CHOICES`)."""
         self._shrink_products: tuple = (None, None)
         """The `SHRINKS` functions for steps launched from Python and for replayed ones: set by
-        each rebuild (so `restacked(shrink=...)` takes effect)."""
+        each rebuild (so a new `shrink` takes effect at the next)."""
         self.shrink_product = None
         """The one the current rows use (`set_rows`)."""
         self.dtype = dtype
@@ -309,11 +307,10 @@ class LoraRouter:
         """Per distinct scale vector, [batch, 1, slots·R]: each row's own slot's columns times its
         alpha/r; made on the first forward of a step that needs them (the kernel does not)."""
         self.lora_add = None
-        """The fused kernel's entry point (`kernel`), where one applies; it declines what it does not take."""
+        """The fused kernel's entry point (`kernel`), where one applies; it declines what it does not take.
+        Each rebuild sets it; between rebuilds a comparison may set another with the same contract (bench/)."""
         self.kernel_rows = 0
         """The most rows a step may have for `lora_add` to be tried."""
-        self._slot_buffer: torch.Tensor | None = None
-        """For a kernel on a GPU: the rows' slots on the device, at one address (a captured step reads it)."""
         self._scale_vectors: list[tuple[float, ...]] = []
         self._device, self._dtype = torch.device("cpu"), torch.float32
         """Where and in what dtype the stacks live (the masks must match)."""
@@ -324,16 +321,10 @@ class LoraRouter:
         """With `fix_masks`: per scale vector, a [rows, 1, slots·R] buffer the row masks are written into."""
 
     @staticmethod
-    def check_kernel(kernel: str, device: torch.device | None = None) -> None:
-        """Raise ValueError, naming the choice, for a kernel that is unknown or cannot run here (on
-        `device`, where the base's layers are, when given)."""
+    def check_kernel(kernel: str) -> None:
+        """Raise ValueError, naming the choice, for a kernel that is not one of `KERNELS`."""
         if kernel not in KERNELS:
             raise ValueError(f"LoRA kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
-        if kernel == "triton" and not lora_triton.available():
-            raise ValueError("LoRA kernel 'triton': the triton package is not installed (pip install triton)")
-        if kernel == "triton" and device is not None and device.type != "cuda" and not lora_triton.INTERPRETED:
-            # it would decline every step, and the CPU's own fused kernel ('auto') would be lost too
-            raise ValueError(f"LoRA kernel 'triton' runs on a CUDA device; the base is on {device.type} (use 'auto')")
 
     def layers(self) -> list[LoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
@@ -361,22 +352,6 @@ class LoraRouter:
         self.single, self._slots, self._masks, self._groups = BASE, [], None, None
         self._allocate_fixed()
 
-    @contextmanager
-    def restacked(self, **settings):
-        """The router with `settings` (its `kernel`, `group_inputs`, `shrink`) for a while: restacked with
-        them, then with what it had. For comparing paths on one model (bench-gpu, the tests);
-        nothing else may route through it meanwhile."""
-        before = {name: getattr(self, name) for name in settings}
-        try:
-            for name, value in settings.items():
-                setattr(self, name, value)
-            self.rebuild(self.keys)
-            yield self
-        finally:
-            for name, value in before.items():
-                setattr(self, name, value)
-            self.rebuild(self.keys)
-
     def shrink_names(self) -> tuple[str, str]:
         """(eager, replayed) steps' shrinks, for stacks on `_device`."""
         return auto_shrinks(self._device) if self.shrink == "auto" else (self.shrink, self.shrink)
@@ -387,14 +362,10 @@ class LoraRouter:
         on_cpu_fp32 = self._device.type == "cpu" and self._dtype == torch.float32
         cpu_kernel = kernels.load() if self.kernel == "auto" and on_cpu_fp32 else None
         grouping = self.group_inputs if self.group_inputs is not None else cpu_kernel is None
-        if self.kernel == "triton":  # it reads a group's stacks too
-            self.lora_add, self.kernel_rows = lora_triton.lora_add_, lora_triton.MAX_ROWS
-        elif cpu_kernel is not None and not grouping:  # it reads each layer's own contiguous stack only
+        if cpu_kernel is not None and not grouping:  # it reads each layer's own contiguous stack only
             self.lora_add, self.kernel_rows = cpu_kernel.lora_add_, KERNEL_MAX_ROWS
         else:
             self.lora_add, self.kernel_rows = None, 0
-        on_device = self.lora_add is not None and self._device.type != "cpu"
-        self._slot_buffer = torch.full((self.kernel_rows,), BASE, dtype=torch.long, device=self._device) if on_device else None
         return grouping
 
     def fix_masks(self, rows: int) -> None:
@@ -508,10 +479,7 @@ class LoraRouter:
         self._slots, self._masks, self._groups = slots, None, None
         self.rows_set += 1  # input groups recompute their products for the new rows
         self.single = slots[0] if len(set(slots)) == 1 else None
-        item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
-        if self._slot_buffer is not None and len(item_slots) <= len(self._slot_buffer):
-            item_slots = self._slot_buffer[: len(item_slots)].copy_(item_slots, non_blocking=True)
-        self.item_slots = item_slots
+        self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
         if self._fixed and self.single is None and len(slots) <= self._fixed_rows:  # more: made as usual
             for fixed, scale in zip(self._fixed, self._scale_vectors):
                 fixed[: len(slots)].copy_(self._make_mask(scale))

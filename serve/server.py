@@ -35,6 +35,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.cli import AT_LEAST_ONE, POSITIVE, Range, opt
+
 log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 3
@@ -43,21 +45,43 @@ GRACEFUL_SHUTDOWN_S = 3
 
 @dataclass(frozen=True)
 class ThrottleConfig:
-    max_failures: int = 5
-    """Failed logins (a UI password, an API key) from one address within `window_s`..."""
-    window_s: float = 60.0
-    lockout_s: float = 60.0
-    """...after which that address's logins and API calls get 429 for this long."""
+    max_failures: int = opt(5, "Failed logins (a UI password, an API key) from one address within --window-s "
+                               "after which it is refused for --lockout-s.", range=AT_LEAST_ONE)
+    window_s: float = opt(60.0, "Seconds over which one address's failed logins are counted.", range=POSITIVE)
+    lockout_s: float = opt(60.0, "Seconds a refused address's logins and API calls get 429.", range=POSITIVE)
 
     def __post_init__(self) -> None:
         if self.max_failures < 1 or self.window_s <= 0 or self.lockout_s <= 0:
             raise ValueError(f"invalid throttle: {self}")
 
 
+DEFAULT_HOST = "127.0.0.1"
+"""Loopback: nothing beyond this machine reaches the server unless told to."""
+DEFAULT_PORT = 7860
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Who may use the server, as the operator gives it (flags, a YAML file): `access_from`
+    resolves it, with $LORASWAP_AUTH and $LORASWAP_API_KEY, into an `AccessConfig`."""
+
+    host: str = opt(DEFAULT_HOST, "Address to bind (loopback by default).")
+    port: int = opt(DEFAULT_PORT, "Port to listen on.", range=Range(1, 65535, high_open=False))
+    auth: tuple[str, ...] = opt((), "A UI login, split at the first colon (a comma is part of the password); repeat "
+                                    "the flag for several.", action="append", metavar="USER:PASSWORD")
+    auth_file: str | None = opt(None, "File of UI logins, one user:password per line ($LORASWAP_AUTH: the same, "
+                                      "one per line).")
+    api_key: str | None = opt(None, "Bearer token the API requires; without --auth it is also the UI's login "
+                                    "password. Prefer $LORASWAP_API_KEY, which `ps` does not show.")
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+
+
 @dataclass(frozen=True)
 class AccessConfig:
-    host: str = "127.0.0.1"
-    port: int = 7860
+    """Who may use the server, resolved: the logins parsed, the key read from the environment."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     auth: tuple[tuple[str, str], ...] = ()
     """UI logins (user, password); empty: no login, unless there is an API key (see the module docstring)."""
     api_key: str | None = None
@@ -106,7 +130,7 @@ def _unique(logins: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     return logins
 
 
-def access_from(args) -> AccessConfig:
+def access_from(args: AccessSettings) -> AccessConfig:
     """The access settings from `python -m serve web`'s flags and the environment.
 
     Raises ValueError naming the flag, file or variable at fault (`--auth ' , '`, an empty file,
@@ -120,7 +144,7 @@ def access_from(args) -> AccessConfig:
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key: empty (an unset variable?); leave the flag out for an open API")
     api_key = args.api_key or os.environ.get("LORASWAP_API_KEY") or None
-    return AccessConfig(args.host, args.port, _unique(logins), api_key)
+    return AccessConfig(args.host, args.port, _unique(logins), api_key, args.throttle)
 
 
 def is_loopback(host: str) -> bool:

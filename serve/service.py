@@ -16,9 +16,12 @@ from datetime import datetime
 from pathlib import Path
 
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
+from adapters.base import DEFAULT_BASE
+from adapters.cli import AT_LEAST_ONE, POSITIVE, opt
 from serve.batcher import Stream
 from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, ServeLimits
 from serve.registry import BASE_NAME, AdapterRegistry
+from serve.routing import KERNELS, LoraRouter
 from serve.slots import DecodeSettings
 
 log = logging.getLogger(__name__)
@@ -31,24 +34,22 @@ class BusyError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    base: str = "models/demo-base"
-    adapters: str | None = None
-    """The adapter store (default: $ADAPTERS_DIR or adapters/store)."""
-    quantize: bool = True
-    max_loaded: int = 8
-    """Adapters resident on the device at once; the least recently used beyond it go to host memory."""
-    max_queue: int = 32
-    """Requests waiting or running at once; more get BusyError."""
+    base: str = opt(DEFAULT_BASE, "Base model folder or hub id.")
+    adapters: str | None = opt(None, "Adapter store (default: $ADAPTERS_DIR or adapters/store).")
+    quantize: bool = opt(True, "Load the base in 4-bit NF4 with double quantization (QLoRA); --no-quantize "
+                               "(or --no-quant) loads it unquantized.", aliases=("--no-quant",))
+    max_loaded: int = opt(8, "Adapters resident on the device at once; the least recently used beyond it go to host "
+                             "memory.", range=AT_LEAST_ONE)
+    max_queue: int = opt(32, "Requests waiting or running at once; more get 'busy' (BusyError).", range=AT_LEAST_ONE)
     limits: ServeLimits = field(default_factory=ServeLimits)
-    watch_s: float = 1.0
-    """How often the store is scanned for new, replaced and deleted adapters."""
-    reports: str = "reports"
-    """Where `make eval` writes the adapter x task matrix the Adapters tab shows."""
+    watch_s: float = opt(1.0, "How often, in seconds, the store is scanned for new, replaced and deleted adapters.",
+                         range=POSITIVE)
+    reports: str = opt("reports", "Where `make eval` writes the adapter x task matrix the Adapters tab shows.")
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     """The decode loop's KV cache (static slots with captured CUDA graphs on a GPU, the growing
     cache elsewhere) and whether it runs deterministically."""
-    lora_kernel: str = "auto"
-    """The routed LoRA delta's kernel (`serve.routing.KERNELS`): auto, torch, or triton (GPU, experimental)."""
+    lora_kernel: str = opt("auto", "What adds each row's LoRA delta: auto (a fused C++ kernel for float32 on the CPU, "
+                                   "torch ops elsewhere) or torch (torch ops everywhere).", choices=KERNELS)
 
     def __post_init__(self) -> None:
         for name in ("max_loaded", "max_queue"):
@@ -56,6 +57,7 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.watch_s > 0:
             raise ValueError(f"watch_s must be > 0, got {self.watch_s}")
+        LoraRouter.check_kernel(self.lora_kernel)
 
 
 @dataclass

@@ -28,24 +28,33 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import StaticLayer
 
+from adapters.cli import AT_LEAST_ONE, opt
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
     """How the decode loop keeps its KV cache."""
 
-    static_cache: bool | None = None
-    """Fixed row slots (this module) instead of a cache that grows and is re-padded every step.
-    None: wherever the steps can be captured as CUDA graphs (`replays_steps`) and the slots fit
-    (DEFAULT_SLOTS_SHARE), the growing cache elsewhere (docs/performance.md#decode-cache)."""
-    context: int = 1024
-    """Columns per row slot with the static cache: a request's prompt and reply together fit in
-    this many tokens (its reply is capped to fit, as by the model's own context)."""
-    cuda_graphs: bool = True
-    """With the static cache on a CUDA device, capture each batch bucket's step once and replay it."""
-    deterministic: bool = False
-    """A request's tokens do not depend on the rest of the batch or on the server's history: its
-    prompt is prefilled alone, every step runs all the slots (so it keeps the static cache),
-    each row's LoRA delta is its own product, one thread count (serve/batcher.py)."""
+    static_cache: bool | None = opt(
+        None, "Decode from static row slots (serve/slots.py), each step captured once as a CUDA graph and replayed "
+              "(the CPU runs the same steps eagerly), instead of a KV cache that grows and is re-padded every step. "
+              "Default: on where the steps replay as CUDA graphs (a GPU, SDPA attention) and the slots fit "
+              "(DEFAULT_SLOTS_SHARE); --no-static-cache keeps the growing cache. --cuda-graphs/--no-cuda-graphs: "
+              "the flag's old name. See docs/performance.md#device-dependent-defaults.",
+        aliases=("--cuda-graphs",))
+    context: int = opt(
+        1024, "With the static slots: tokens of prompt and reply one request may hold (replies are capped to fit, "
+              "as by the model's own context; a longer prompt is refused, naming this limit). --graph-context: "
+              "the flag's old name.",
+        aliases=("--graph-context",), range=AT_LEAST_ONE)
+    capture_graphs: bool = opt(
+        True, "With the static slots on a CUDA device, capture each batch bucket's step once and replay it; "
+              "--no-capture-graphs launches the same steps eagerly.")
+    deterministic: bool = opt(
+        False, "Every request's tokens (greedy, and seeded sampling) are the same whatever else the server runs: "
+               "prompts prefilled alone, full-width decode steps on the static slots, per-row LoRA products, one "
+               "thread count (serve/batcher.py; docs/architecture.md#deterministic-mode; its cost: "
+               "docs/performance.md#determinism).")
 
     def uses_static_cache(self, device: torch.device, attention: str | None) -> bool:
         """Whether a decode loop on this device, with this attention implementation, keeps the slots."""
@@ -56,7 +65,7 @@ class DecodeSettings:
         return self.replays_steps(device) and attention == "sdpa"  # the slots' mask is one only SDPA reads
 
     def replays_steps(self, device: torch.device) -> bool:
-        return self.cuda_graphs and device.type == "cuda"
+        return self.capture_graphs and device.type == "cuda"
 
 
 def device_free_bytes(device: torch.device) -> int:

@@ -8,12 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this when it is first imported (peft and transformers below import it): with it
-    # set, the GPU LoRA kernel runs under Triton's interpreter on CPU tensors, so its tests run here.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 

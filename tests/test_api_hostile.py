@@ -20,7 +20,6 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import openai
@@ -29,7 +28,7 @@ from gradio_client import Client
 
 from serve.__main__ import main
 from serve.api import ApiLimits
-from serve.server import GRACEFUL_SHUTDOWN_S, AccessConfig, access_from
+from serve.server import GRACEFUL_SHUTDOWN_S, AccessConfig, AccessSettings, access_from
 from tests.conftest import LiveServer, free_port, start_service
 
 KEY = "hostile-test-key"
@@ -310,8 +309,8 @@ def test_wrong_api_keys_are_throttled_and_requests_without_a_key_are_not_counted
         assert forgetful.get(models, headers=AUTH).status_code == 200
 
 
-def access_args(**given) -> SimpleNamespace:
-    return SimpleNamespace(**{"host": "127.0.0.1", "port": 7860, "auth": None, "auth_file": None, "api_key": None, **given})
+def access_args(**given) -> AccessSettings:
+    return AccessSettings(**given)
 
 
 PASSWORD = "pa,ss:w0rd, x "

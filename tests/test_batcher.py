@@ -236,7 +236,7 @@ def test_the_static_slots_are_the_default_where_steps_replay_as_cuda_graphs(serv
     auto = DecodeSettings()
     assert auto.uses_static_cache(cuda, "sdpa") and not auto.uses_static_cache(cpu, "sdpa")
     assert not auto.uses_static_cache(cuda, "eager")  # another attention keeps the growing cache
-    assert not DecodeSettings(cuda_graphs=False).uses_static_cache(cuda, "sdpa")
+    assert not DecodeSettings(capture_graphs=False).uses_static_cache(cuda, "sdpa")
     assert not DecodeSettings(static_cache=False).uses_static_cache(cuda, "sdpa")
     assert DecodeSettings(static_cache=True).uses_static_cache(cpu, "sdpa")
     _, _, registry = served

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench.decode_graph import HostSyncs, StaticDecode, eager_decode, static_decode
+from bench.routing import restacked
 from tests.conftest import new_engine
 
 ROWS = {"base": [None, None], "one adapter": ["a", "a"], "two adapters": ["a", "b"]}
@@ -48,7 +49,7 @@ def test_static_cache_steps_give_generates_tokens(engine, case):
 @pytest.mark.parametrize("case", ROWS)
 def test_a_decode_step_reads_nothing_back_to_the_host(engine, case, shared):
     # with True, q/k/v and gate/up share their products, as on a GPU
-    with engine.router.restacked(group_inputs=shared) as router:
+    with restacked(engine.router, group_inputs=shared) as router:
         state = StaticDecode.prefill(rows_model(engine, ROWS[case]), prompt(engine), 4)
         router.lora_add = None  # the torch ops a GPU runs, not the CPU kernel
         with HostSyncs() as reads:

@@ -6,11 +6,8 @@ import shutil
 import threading
 import time
 
-import pytest
-
-from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
-from serve.engine import AdapterCache, ChatRequest, Engine, SamplingParams
-from serve.kernels import lora_triton
+from adapters import AdapterStore, BaseShape, Message
+from serve.engine import AdapterCache, ChatRequest, SamplingParams
 from serve.registry import AdapterRegistry
 from tests.conftest import PROMPTS, new_engine, random_adapter, request, save_random_adapter, texts
 
@@ -22,21 +19,6 @@ def test_mixed_batch_equals_each_request_alone(served, tiny_base):
     alone = [texts(engine, [r])[0] for r in batch]
     assert together == alone
     assert len(set(together[0::2])) == 3  # base, a and b answer differently: the adapters act
-
-
-@pytest.mark.skipif(not lora_triton.INTERPRETED, reason="triton was imported before TRITON_INTERPRET=1 was set")
-def test_the_triton_kernel_answers_as_the_torch_path(served, tiny_base, monkeypatch):
-    # Unquantized: bitsandbytes' CPU kernel rounds its input to bf16, which can flip a near-tie
-    # between two correct float32 paths (tests/test_routing.py says more).
-    _, _, registry = served
-    answers = []
-    kernel = lora_triton.lora_add_
-    monkeypatch.setattr(lora_triton, "lora_add_", lambda *args: answers.append(kernel(*args)) or answers[-1])
-    batch = [request(name, prompt) for name in ("base", "a", "b") for prompt in PROMPTS[:1]]
-    replies = {choice: texts(Engine(load_base(BaseConfig(str(tiny_base), quantize=False)), registry, lora_kernel=choice), batch)
-               for choice in ("torch", "triton")}
-    assert replies["triton"] == replies["torch"]
-    assert answers.count(True) > 0 and answers.count(False) > 0  # decode steps taken, prefills (5+ rows) declined
 
 
 def test_swapping_a_b_a_gives_a_again(served, tiny_base):

@@ -9,8 +9,7 @@ tests cover the 4-bit base end to end (a mixed batch answers as each request alo
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager, nullcontext
-from types import SimpleNamespace
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -21,8 +20,8 @@ from transformers import AutoModelForCausalLM
 import serve.routing as routing
 from adapters import AdapterStore, BaseConfig, BaseShape, load_base
 from adapters.chat import left_pad
+from bench.routing import restacked
 from serve import kernels
-from serve.kernels import lora_triton
 from serve.engine import Engine
 from serve.registry import AdapterRegistry
 from tests.conftest import save_random_adapter
@@ -82,7 +81,7 @@ ROWS = [["a", "small", "base", "b", "a"], ["small"] * 3, ["base", "base"]]
 def shared_inputs(router):
     """q/k/v and gate/up sharing one A stack (`InputGroup`), as on a GPU; the CPU's kernel is off
     for it. Restacked as before afterwards (the engine is shared by the module's tests)."""
-    return router.restacked(group_inputs=True)
+    return restacked(router, group_inputs=True)
 
 
 @pytest.mark.parametrize("names", ROWS, ids=["mixed", "one-adapter", "base-only"])
@@ -106,35 +105,6 @@ def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeyp
         assert all(group._x is None for group in router._input_groups)  # every member read its share: nothing held
     assert len(router._scale_vectors) == 2  # q_proj's alpha/r differ for "b"
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-
-
-@contextmanager
-def triton_kernel(router, shared: bool):
-    """The router restacked to add its deltas with the Triton kernel (interpreted here), with or
-    without input groups. Yields the kernel's answers, one per call."""
-    with router.restacked(kernel="triton", group_inputs=shared):
-        answers, kernel = [], router.lora_add
-        router.lora_add = lambda *args: answers.append(kernel(*args)) or answers[-1]
-        yield answers
-
-
-DECODE_STEPS = {"one-adapter": (["a"], 1), "mixed": (["small", "base", "b", "a"], 1), "two-tokens": (["b", "a"], 2)}
-"""Rows (adapters, tokens per row) of the small steps the Triton kernel takes."""
-
-
-@pytest.mark.skipif(not lora_triton.INTERPRETED, reason="triton was imported before TRITON_INTERPRET=1 was set")
-@pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared-inputs"])
-@pytest.mark.parametrize("step", DECODE_STEPS)
-def test_triton_kernel_matches_peft_per_row(engine, tiny_base, mixed_ranks, step, shared):
-    names, tokens = DECODE_STEPS[step]
-    ids = torch.tensor([[7 + 3 * row + t for t in range(tokens)] for row in range(len(names))])
-    mask = torch.ones_like(ids)
-    expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["__base__" if n == "base" else n for n in names])
-    routed_logits(engine, ids, mask, names)  # makes the adapters resident: the router now exists
-    with triton_kernel(engine.router, shared) as answers:
-        got = routed_logits(engine, ids, mask, names)
-    assert answers == [True] * len(engine.router.layers())  # every adapted layer's delta came from the kernel
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -192,7 +162,7 @@ def test_each_shrink_matches_peft_on_one_row(engine, tiny_base, mixed_ranks, mon
         expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["small"])
         routed_logits(engine, ids, mask, ["small"])  # makes the adapter resident: the router now exists
         router = engine.router
-        with router.restacked(shrink=shrink, group_inputs=shared):
+        with restacked(router, shrink=shrink, group_inputs=shared):
             router.lora_add = None  # the torch path, where the choice applies
             got = routed_logits(engine, ids, mask, ["small"])
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -202,17 +172,17 @@ def test_each_shrink_matches_peft_on_one_row(engine, tiny_base, mixed_ranks, mon
 
 
 def test_a_shrink_choice_is_checked():
-    with pytest.raises(ValueError, match="LoRA shrink 'fast'.*auto, mm, mm_A_x, mv, reduce"):
+    with pytest.raises(ValueError, match="LoRA shrink 'fast'.*auto, mm, reduce"):
         routing.LoraRouter(torch.nn.Linear(2, 2), shrink="fast")
 
 
 def test_auto_takes_the_compiled_reduction_only_for_replayed_steps_on_a_gpu(monkeypatch):
     """(eager steps, replayed steps): the compiled kernel's host cost is paid only outside a graph."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(routing.lora_triton, "available", lambda: True)
+    monkeypatch.setattr(routing, "triton_installed", lambda: True)
     assert routing.auto_shrinks(cuda) == ("mm", "reduce")
     assert routing.auto_shrinks(cpu) == ("mm", "mm")
-    monkeypatch.setattr(routing.lora_triton, "available", lambda: False)  # Inductor writes it in Triton
+    monkeypatch.setattr(routing, "triton_installed", lambda: False)  # Inductor writes it in Triton
     assert routing.auto_shrinks(cuda) == ("mm", "mm")
 
 
@@ -232,22 +202,21 @@ def test_reduce_computes_the_product_and_survives_a_failing_compiler(monkeypatch
 @pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared-inputs"])
 def test_replayed_steps_take_the_replayed_shrink(engine, tiny_base, mixed_ranks, monkeypatch, shared):
     """Rows set for a replayed step (and the run before its capture) compute x·Aᵀ with auto's
-    second choice, input groups included; the next eager step goes back to the first. Here
-    `mv` stands in for the GPU's compiled reduction, and both give peft's logits."""
-    calls = {"mm": 0, "mv": 0}
+    second choice, input groups included; the next eager step goes back to the first. Here a
+    copy of `mm` stands in for the GPU's compiled reduction, and both give peft's logits."""
+    calls = {"mm": 0, "stand_in": 0}
     for name in calls:
-        product = routing.SHRINKS[name]
         monkeypatch.setitem(routing.SHRINKS, name,
-                            lambda x2, At, name=name, product=product: calls.__setitem__(name, calls[name] + 1) or product(x2, At))
-    monkeypatch.setattr(routing, "auto_shrinks", lambda device: ("mm", "mv"))
+                            lambda x2, At, name=name: calls.__setitem__(name, calls[name] + 1) or torch.mm(x2, At))
+    monkeypatch.setattr(routing, "auto_shrinks", lambda device: ("mm", "stand_in"))
     ids = torch.tensor([[7]])
     mask = torch.ones_like(ids)
     expected = peft_logits(tiny_base, mixed_ranks, ids, mask, ["small"])
     routed_logits(engine, ids, mask, ["small"])  # makes the adapter resident: the router now exists
     products = engine.base.model.config.num_hidden_layers * (4 if shared else 7)
-    with engine.router.restacked(shrink="auto", group_inputs=shared) as router:
+    with restacked(engine.router, shrink="auto", group_inputs=shared) as router:
         router.lora_add = None  # the torch path, where the choice applies
-        for replayed, used, unused in ((True, "mv", "mm"), (False, "mm", "mv"), (True, "mv", "mm")):
+        for replayed, used, unused in ((True, "stand_in", "mm"), (False, "mm", "stand_in"), (True, "stand_in", "mm")):
             before = dict(calls)
             got = routed_logits(engine, ids, mask, ["small"], replayed=replayed)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -376,26 +345,17 @@ def test_fixed_masks_route_alike_and_keep_their_storage(engine, monkeypatch):
         router.fix_masks(0)
 
 
-def test_a_kernel_choice_is_checked_before_anything_loads(monkeypatch):
-    with pytest.raises(ValueError, match="'cuda'.*auto, torch, triton"):
-        routing.LoraRouter.check_kernel("cuda")
-    monkeypatch.setattr(lora_triton, "triton", None)  # as on a machine without the package
-    with pytest.raises(ValueError, match="triton package is not installed"):
+def test_a_kernel_choice_is_checked_before_anything_loads():
+    with pytest.raises(ValueError, match="'triton'.*auto, torch"):  # it left for bench/ (bench/lora_triton.py)
         routing.LoraRouter.check_kernel("triton")
-    with pytest.raises(ValueError, match="triton package is not installed"):
-        Engine(SimpleNamespace(device=torch.device("cpu")), None, lora_kernel="triton")  # before any loading
+    with pytest.raises(ValueError, match="'cuda'.*auto, torch"):
+        Engine(None, None, lora_kernel="cuda")  # before any loading
     routing.LoraRouter.check_kernel("torch")
-    monkeypatch.undo()
-    monkeypatch.setattr(lora_triton, "INTERPRETED", False)  # compiled: CUDA tensors only
-    with pytest.raises(ValueError, match="runs on a CUDA device; the base is on cpu"):
-        routing.LoraRouter.check_kernel("triton", torch.device("cpu"))
-    routing.LoraRouter.check_kernel("triton", torch.device("cuda"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the base would load to a GPU, where the kernel runs")
-def test_the_server_refuses_a_kernel_its_device_cannot_run_before_loading(monkeypatch, capsys):
+def test_the_server_offers_only_the_kernels_the_router_has(capsys):
     from serve.__main__ import main as serve_main
 
-    monkeypatch.setattr(lora_triton, "INTERPRETED", False)
-    assert serve_main(["--base", "no/such/base", "web", "--lora-kernel", "triton"]) == 2  # the base is never read
-    assert "--lora-kernel: LoRA kernel 'triton' runs on a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        serve_main(["--base", "no/such/base", "web", "--lora-kernel", "triton"])  # the base is never read
+    assert exit.value.code == 2 and "argument --lora-kernel: invalid choice: 'triton'" in capsys.readouterr().err

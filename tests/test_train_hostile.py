@@ -91,7 +91,8 @@ def test_yaml_style_number_strings_are_read_as_floats_and_still_checked():
 def test_defaults_and_shipped_yaml_pass_the_checks():
     assert LoraSettings() and OptimSettings() and DataSettings(path="d.jsonl")
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        config_from_args(["--config", str(path), "--name", "x"])
+        if path.name != "serve.yaml":  # a saved ServeConfig (tests/test_config.py loads it)
+            config_from_args(["--config", str(path), "--name", "x"])
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--alpha", "nan"), ("--alpha", "inf"), ("--dropout", "nan"),

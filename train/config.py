@@ -3,109 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import math
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from adapters.base import BaseConfig
+from adapters.cli import NON_NEGATIVE, OPEN_UNIT, POSITIVE, SEED, UNIT, Range, add_config_args, apply_overrides, check_numbers
+from adapters.cli import config_leaves as _leaves  # noqa: F401  (the tests walk the fields with it)
+from adapters.cli import from_dict, load_yaml
+from adapters.cli import opt as _opt
 from adapters.store import check_name
-
-
-def _opt(default, help: str, flag: str | None = None, **extra):
-    """A config field whose help text doubles as its documentation and CLI help.
-
-    extra: argparse's `nargs`, or `range`, the Range that `check_numbers` holds a number to.
-    """
-    meta = {"help": help, **({"flag": flag} if flag else {}), **extra}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The interval a numeric setting must lie in; `text` is how an error states it."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    """True: `low` itself is excluded."""
-    high_open: bool = True
-    """True: `high` itself is excluded."""
-
-    def holds(self, value: float) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    @property
-    def text(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {_plain(self.low)}"
-        return f"in {'(' if self.low_open else '['}{_plain(self.low)}, {_plain(self.high)}{')' if self.high_open else ']'}"
-
-
-def _plain(bound: float | None) -> str:
-    return str(int(bound)) if bound is not None and float(bound).is_integer() else str(bound)
-
-
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
-UNIT = Range(0, 1)
-"""[0, 1)."""
-OPEN_UNIT = Range(0, 1, low_open=True)
-"""(0, 1)."""
-SEED = Range(0, 2**32 - 1, high_open=False)
-"""What numpy's seed accepts (transformers' set_seed seeds numpy too)."""
-
-
-def check_numbers(settings, section: str) -> None:
-    """Check every int or float field of a config dataclass against the Range in its metadata.
-
-    ValueError names the field and the value: a float must be a finite number (NaN slips past
-    any `<=`, and inf or NaN settings train to NaN weights), an int a true int (not a bool).
-    A numeric string is read as a float first: YAML 1.1 reads `2e-4` (no dot) as a string.
-    """
-    for f in fields(settings):
-        bounds = f.metadata.get("range")
-        value = getattr(settings, f.name)
-        if bounds is None or value is None:
-            continue
-        where = f"{section}.{f.name}" if section else f.name
-        if str(f.type).startswith("float"):
-            setattr(settings, f.name, _check_float(where, value, bounds))
-        else:
-            _check_int(where, value, bounds)
-
-
-def _check_float(where: str, value, bounds: Range) -> float | int:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{where} must be a number {bounds.text}, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where} must be a number {bounds.text}, got {value!r} ({type(value).__name__})")
-    if not _finite(value) or not bounds.holds(value):
-        raise ValueError(f"{where} must be {bounds.text} and finite, got {value}")
-    return value
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond any float (YAML reads `1` followed by 400 zeros as one)
-        return False
-
-
-def _check_int(where: str, value, bounds: Range) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where} must be an integer {bounds.text}, got {value!r} ({type(value).__name__})")
-    if not bounds.holds(value):
-        raise ValueError(f"{where} must be {bounds.text}, got {value}")
 
 
 @dataclass
@@ -216,16 +123,6 @@ class TrainConfig:
 BASE_FLAGS = {"path": "--base", "quantize": "--quantize", "device": "--device"}
 
 
-def _leaves(cls, prefix: tuple[str, ...] = ()):
-    """(path, field) for every scalar field of a nested config dataclass."""
-    for f in fields(cls):
-        kind = f.default_factory() if f.default_factory is not MISSING else None
-        if is_dataclass(kind):
-            yield from _leaves(type(kind), prefix + (f.name,))
-        else:
-            yield prefix + (f.name,), f
-
-
 def _flag(path: tuple[str, ...], f) -> str:
     if path[0] == "base":
         return BASE_FLAGS[path[-1]]
@@ -240,26 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="A YAML file holding a saved TrainConfig; flags override it.")
     parser.add_argument("--no-quant", action="store_true", help="Load the base unquantized (plain LoRA).")
-    for path, f in _leaves(TrainConfig):
-        help_text = f.metadata.get("help", "")
-        dest = ".".join(path)
-        if f.type in ("bool", bool, "bool | None"):  # None: decided where it applies (see its help)
-            parser.add_argument(_flag(path, f), dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
-            continue
-        nargs = f.metadata.get("nargs")
-        parser.add_argument(
-            _flag(path, f), dest=dest, nargs=nargs, type=_scalar_type(f.type), help=help_text, metavar=path[-1].upper()
-        )
+    add_config_args(parser, TrainConfig, flag_of=_flag)
     return parser
-
-
-def _scalar_type(annotation: str):
-    text = str(annotation)
-    if text.startswith("int"):
-        return int
-    if text.startswith("float"):
-        return float
-    return str
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
@@ -267,33 +146,14 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     data: dict[str, Any] = {}
     if "config" in args:
-        data = yaml.safe_load(Path(args.pop("config")).read_text()) or {}
+        data = load_yaml(args.pop("config"))
     if args.pop("no_quant", False):
         args["base.quantize"] = False
-    for dotted, value in args.items():
-        _set(data, dotted.split("."), value)
-    return config_from_dict(data)
-
-
-def _set(tree: dict, path: list[str], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    return config_from_dict(apply_overrides(data, args))
 
 
 def config_from_dict(data: dict) -> TrainConfig:
-    unknown = set(data) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    parts = {"base": BaseConfig, "lora": LoraSettings, "optim": OptimSettings, "data": DataSettings}
-    kwargs = dict(data)
-    for key, kind in parts.items():
-        section = kwargs.get(key, {})
-        bad = set(section) - {f.name for f in fields(kind)}
-        if bad:
-            raise ValueError(f"unknown keys in config section {key!r}: {sorted(bad)}")
-        kwargs[key] = kind(**section)
-    return TrainConfig(**kwargs)
+    return from_dict(TrainConfig, data)
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -1,11 +1,13 @@
 """A Triton kernel for the routed LoRA delta of a decode step: one launch per adapted layer.
 
+A bench-only experiment: it lost to the router's torch ops on an H100, where it was aimed, and
+left the product (docs/history/triton-lora-kernel.md). bench-gpu's `lora_kernel` experiment
+still times it (`routed`), and tests/test_lora_triton.py checks it, so it can be picked up again.
+
 On a GPU a decode step at batch 1 is set by how many kernels it launches and how long each tiny
 one takes, not by arithmetic. The torch path costs each adapted layer a matrix product `x·Aᵀ`
 that cuBLAS splits over the input width (two kernels for a [1, 4096]·[4096, 16] product, in the
-H100 profile) and an `addmm_` for `h·Bᵀ`. On that H100 (8B shape) a graphed batch-1 step took
-9.2 ms with one adapter against the base's 7.0 ms: about 9.6 µs for each of the 224 adapted
-layers. Here one kernel does both products for every row:
+H100 profile) and an `addmm_` for `h·Bᵀ`. Here one kernel does both products for every row:
 
     program (row, n-block):  h = scale_s · x_row·A_sᵀ  (all R ranks, fp32 accumulation)
                              out[row, n-block] += h·Bᵀ_s[:, n-block]
@@ -15,29 +17,32 @@ n-block of that row and stays in L2, so the repeat costs cache bandwidth, not la
 what limits the kernel to a few rows (`MAX_ROWS`); wider steps keep the torch products, which
 read each A block once.
 
-Same contract as the CPU kernel (`lora_cpu.cpp`): `lora_add_` returns False for what it does
-not take, and the router then runs torch ops that compute the same delta. Compiled for CUDA
-tensors. When TRITON_INTERPRET=1 was set before triton was first imported, Triton's interpreter
-runs it on CPU tensors instead (how the tests check it on a machine without a GPU); otherwise CPU
-tensors are declined.
+Same contract as the CPU kernel (`serve/kernels/lora_cpu.cpp`): `lora_add_` returns False for
+what it does not take, and the router then runs torch ops that compute the same delta. Compiled
+for CUDA tensors. When TRITON_INTERPRET=1 was set before triton was first imported, Triton's
+interpreter runs it on CPU tensors instead (how the tests and the CPU bench run it); otherwise
+CPU tensors are declined.
 
-The launch shape (`KernelConfig`) is chosen by reasoning and ptxas's register report for sm_90,
-not by timing, which needs a GPU: bench-gpu times this kernel against the torch path
-(`lora_kernel` in its results), and a few `KernelConfig`s against each other, on the next GPU run.
+The launch shape (`KernelConfig`) was chosen by reasoning and ptxas's register report for sm_90;
+bench-gpu times it against `KERNEL_SWEEP`'s other shapes.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from bench.routing import restacked
+from serve.routing import BASE, LoraRouter
+
 try:
     import triton
     import triton.language as tl
-except ImportError:  # optional: without triton the router keeps torch ops
+except ImportError:  # optional: without triton the bench leaves the kernel out (`available`)
     triton = tl = None
 
 INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -79,8 +84,19 @@ def _next_power_of_2(n: int) -> int:
 DEFAULT = KernelConfig()
 
 
+KERNEL_SWEEP = (KernelConfig(block_k=512, num_warps=4), KernelConfig(block_k=1024, num_warps=8),
+                KernelConfig(block_k=2048), KernelConfig(programs_per_row=16), KernelConfig(programs_per_row=64))
+"""Launch shapes bench-gpu times beside the default (`DEFAULT`): narrower steps of the `x·Aᵀ` loop
+with fewer warps, and fewer or more programs per row."""
+
+
 def available() -> bool:
     return triton is not None
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel takes tensors on `device`: compiled for CUDA, or interpreted on the CPU."""
+    return available() and (device.type == "cuda" or INTERPRETED)
 
 
 def _lora_add_kernel(x_ptr, a_ptr, bt_ptr, out_ptr, slot_ptr, scale_ptr, OUT, ROWS_PER_ITEM, SLOT_ROWS,
@@ -160,3 +176,50 @@ def _slot_rows(A: torch.Tensor, rank: int) -> int | None:
     if A.dim() == 3 and A.shape[1] == rank and A.stride(2) == 1 and A.stride(1) == width and A.stride(0) % width == 0:
         return A.stride(0) // width
     return None
+
+
+@contextmanager
+def routed(router: LoraRouter, config: KernelConfig = DEFAULT, **settings):
+    """`router` adding its deltas with this kernel, in `config`'s launch shape, for steps of up to
+    MAX_ROWS rows (torch ops for the rest), restacked as the kernel was served (q/k/v and gate/up
+    sharing their stacks, unless `settings` say otherwise; `bench.routing.restacked`) and as it
+    was afterwards. Yields the kernel's answers, one per call (True: taken). Nothing may rebuild
+    the router meanwhile (a new resident adapter would): a rebuild sets its own kernel again.
+
+    On a GPU the rows' slots are copied into one buffer on the device each time they are set:
+    the kernel reads them there, and a captured step finds the next rows' slots where it saw them."""
+    answers: list[bool] = []
+
+    def lora_add(*args) -> bool:
+        answers.append(lora_add_(*args, config=config))
+        return answers[-1]
+
+    with restacked(router, **{"kernel": "torch", **settings}):
+        router.lora_add, router.kernel_rows = lora_add, MAX_ROWS
+        device = _layers_device(router)
+        if device.type != "cpu":
+            router.set_rows = _slots_on_device(router, device)
+        try:
+            yield answers
+        finally:
+            router.__dict__.pop("set_rows", None)
+
+
+def _layers_device(router: LoraRouter) -> torch.device:
+    """Where the adapted layers are (and with them the stacks the kernel reads)."""
+    layers = router.layers()
+    return layers[0].get_base_layer().weight.device if layers else torch.device("cpu")
+
+
+def _slots_on_device(router: LoraRouter, device: torch.device):
+    """`router.set_rows`, then its `item_slots` copied into a fixed buffer on `device`."""
+    buffer = torch.full((MAX_ROWS,), BASE, dtype=torch.long, device=device)
+    set_rows = router.set_rows  # the class's, bound: called before this replaces it
+
+    def set_rows_on_device(keys, replayed: bool = False) -> None:
+        set_rows(keys, replayed)
+        slots = router.item_slots
+        if len(slots) <= MAX_ROWS:
+            router.item_slots = buffer[: len(slots)].copy_(slots, non_blocking=True)
+
+    return set_rows_on_device
