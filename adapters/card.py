@@ -82,6 +82,19 @@ class MetricInfo:
     adapter: float
     """The base with this adapter on the same eval set."""
     eval_examples: int
+    stop_rate: float | None = None
+    """Share of the adapter's eval replies that ended on a stop token, not at the token limit
+    (None on cards written before it was recorded)."""
+
+
+@dataclass
+class ChatInfo:
+    """How the adapter's replies end: what the decode loops stop on for its requests."""
+
+    stop_token_ids: list[int]
+    """The base's stop tokens and the end-of-turn token of the adapter's chat template, sorted."""
+    end_of_turn: str | None = None
+    """The special token its chat template writes after an assistant reply (None: none)."""
 
 
 @dataclass
@@ -96,6 +109,8 @@ class AdapterCard:
     metric: MetricInfo | None
     versions: dict[str, str]
     card_version: int = CARD_VERSION
+    chat: ChatInfo | None = None
+    """None on cards written before stop tokens were recorded."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -118,6 +133,8 @@ class AdapterCard:
             kwargs[key] = _build(kind, data[key])
         if data.get("metric") is not None:
             kwargs["metric"] = _build(MetricInfo, data["metric"])
+        if data.get("chat") is not None:
+            kwargs["chat"] = _build(ChatInfo, data["chat"])
         return cls(**kwargs)
 
 

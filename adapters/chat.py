@@ -65,6 +65,33 @@ def render_template(template: str, messages: Sequence[Message], add_generation_p
     return rendered[0]
 
 
+END_OF_TURN_PROBE = "Zq7 probe reply"
+"""The assistant's text in the conversation `end_of_turn_token` renders: text no template writes itself."""
+
+
+def end_of_turn_token(tokenizer, template: str | None = None) -> str | None:
+    """The special token a chat template writes right after an assistant reply (`<|eot_id|>`,
+    `<|im_end|>`, `<|end|>`, `<end_of_turn>`, or EOS for templates that close a turn with it).
+
+    Found by rendering a user turn and an assistant turn and reading what follows the reply;
+    None when the template writes no special token there (only whitespace may come between).
+    ValueError, naming the template's own message, when it refuses a user/assistant exchange.
+    """
+    messages = (Message("user", "Hello"), Message("assistant", END_OF_TURN_PROBE))
+    try:
+        text = render(tokenizer, messages, add_generation_prompt=False, template=template)
+    except Exception as err:  # jinja's TemplateError, or the template's own raise_exception
+        raise ValueError(f"the chat template refuses a plain user/assistant exchange: {type(err).__name__}: {err}") from err
+    at = text.rfind(END_OF_TURN_PROBE)
+    if at < 0:
+        return None
+    after = text[at + len(END_OF_TURN_PROBE) :].lstrip()
+    specials = {str(t) for t in tokenizer.all_special_tokens}
+    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    matches = [t for t in specials if t and after.startswith(t)]
+    return max(matches, key=len) if matches else None
+
+
 def encode_prompt(tokenizer, messages: Sequence[Message], template: str | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant's turn opening (what `generate` sees)."""
     text = render(tokenizer, messages, add_generation_prompt=True, template=template)
@@ -77,23 +104,41 @@ def assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[str, list[t
     """The whole conversation's text and the character spans of each assistant reply.
 
     A span starts after the assistant turn's opening and ends where the next turn would start,
-    so it covers the end-of-turn marker: the model must learn to stop.
+    so it covers the end-of-turn marker: the model must learn to stop. ValueError saying which
+    rule failed when the template refuses the conversation, or renders it so that the replies
+    cannot be located (its text for the first turns is not a prefix of its text for all of them).
     """
-    full = render(tokenizer, messages, add_generation_prompt=False)
+    full = _render_or_explain(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
         if message.role != "assistant":
             continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(render(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        prefix = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not full.startswith(prefix) or start > end:
-            raise ValueError(
-                "the chat template does not render conversations prefix by prefix; "
-                "assistant tokens cannot be located for the loss mask"
-            )
+        opening = _render_or_explain(tokenizer, messages[:i], add_generation_prompt=True)
+        prefix = _render_or_explain(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        start, end = len(opening), len(prefix)
+        for name, part in (("the turns before it with the assistant's opening", opening), ("the turns up to it", prefix)):
+            if not full.startswith(part):
+                raise ValueError(
+                    f"the chat template renders {name} (assistant reply {i}) as text that is not a prefix of "
+                    f"the whole conversation, so the reply cannot be located for the loss mask; the template "
+                    f"must render a conversation turn by turn, never rewriting earlier turns (first difference at "
+                    f"character {_first_difference(full, part)}: {part[_first_difference(full, part):][:40]!r})"
+                )
         spans.append((start, end))
     return full, spans
+
+
+def _render_or_explain(tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    try:
+        return render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja's TemplateError, or the template's own raise_exception
+        roles = ", ".join(m.role for m in messages) or "none"
+        raise ValueError(f"the chat template refuses a conversation with roles [{roles}]: "
+                         f"{type(err).__name__}: {err}") from err
+
+
+def _first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def encode_chat(tokenizer, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:

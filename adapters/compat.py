@@ -342,7 +342,9 @@ def unservable_variants(adapter: AdapterShape) -> list[str]:
     if config.get("trainable_token_indices"):
         problems.append("trainable_token_indices would change the shared embedding for every request")
     if config.get("target_parameters"):
-        problems.append(f"target_parameters {config['target_parameters']}: LoRA on raw parameters is not served (linear layers only)")
+        problems.append(f"target_parameters {config['target_parameters']}: LoRA on raw parameters (such as fused MoE "
+                        "expert weights) is not served (linear layers only); train with --target-modules naming linear "
+                        "layers instead, e.g. q_proj k_proj v_proj o_proj")
     if config.get("layer_replication"):
         problems.append("layer_replication would change the shared base's layers for every request")
     return problems

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
+from adapters.base import stop_token_ids
 from adapters.chat import encode_prompt, left_pad
 from adapters.data import Example
 from adapters.metric import is_exact_match
@@ -66,11 +68,23 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int, devic
 class ExactMatch:
     score: float
     outputs: list[str]
+    stop_rate: float = 0.0
+    """Share of replies that ended on a stop token rather than at the token limit."""
+
+
+@dataclass
+class Reply:
+    text: str
+    stopped: bool
+    """It ended on one of the stop tokens (not at max_new_tokens)."""
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device) -> list[str]:
-    """Greedy replies for tokenized prompts, batched with left padding."""
+def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
+                     stop_ids: Iterable[int] | None = None) -> list[Reply]:
+    """Greedy replies for tokenized prompts, batched with left padding, each ending at the first
+    of `stop_ids` (default: the tokenizer's EOS)."""
+    stops = sorted(stop_ids) if stop_ids is not None else [tokenizer.eos_token_id]
     was_training = model.training
     model.eval()
     replies = []
@@ -84,17 +98,31 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
         )
-        replies.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
+        replies.extend(_reply(tokenizer, row[width:].tolist(), set(stops)) for row in out)
     model.train(was_training)
     return replies
 
 
-def exact_match(model, tokenizer, examples: list[Example], device, batch_size: int = 32) -> ExactMatch:
-    """Share of examples whose greedy reply is an exact match of the reference (`adapters.metric`)."""
+def _reply(tokenizer, new: list[int], stops: set[int]) -> Reply:
+    # generate pads a row that stopped early with pad_token_id, which may itself be a stop id
+    end = next((i for i, t in enumerate(new) if t in stops), None)
+    return Reply(tokenizer.decode(new[:end], skip_special_tokens=True), end is not None)
+
+
+def exact_match(model, tokenizer, examples: list[Example], device, batch_size: int = 32,
+                stop_ids: Iterable[int] | None = None) -> ExactMatch:
+    """Share of examples whose greedy reply is an exact match of the reference (`adapters.metric`).
+
+    stop_ids: the tokens a reply ends on (`LoadedBase.stop_token_ids`); by default the ones the
+    model's generation config, the tokenizer and its chat template give (`adapters.base.stop_token_ids`).
+    """
+    if stop_ids is None:
+        stop_ids = stop_token_ids(model, tokenizer)
     prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
     longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
-    replies = generate_replies(model, tokenizer, prompts, longest + 8, batch_size, device)
-    hits = sum(is_exact_match(r, e.reference) for r, e in zip(replies, examples))
-    return ExactMatch(hits / len(examples), replies)
+    replies = generate_replies(model, tokenizer, prompts, longest + 8, batch_size, device, stop_ids)
+    hits = sum(is_exact_match(r.text, e.reference) for r, e in zip(replies, examples))
+    stopped = sum(r.stopped for r in replies)
+    return ExactMatch(hits / len(examples), [r.text for r in replies], stopped / len(examples))

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler, set_seed
 
 from adapters.base import LoadedBase, load_base, load_tokenizer, resolve_device, under_fsdp
-from adapters.card import AdapterCard, BaseInfo, DatasetInfo, LoraInfo, MetricInfo, TrainingInfo
+from adapters.card import AdapterCard, BaseInfo, ChatInfo, DatasetInfo, LoraInfo, MetricInfo, TrainingInfo
+from adapters.chat import end_of_turn_token
 from adapters.data import Example, read_examples
 from adapters.store import AdapterStore
 from train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -325,7 +326,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
         else:
             # The epoch ran out before the step budget: score it, then start the next one.
             eval_started = time.perf_counter()
-            _end_of_epoch(model, tokenizer, data, progress, device, accelerator)
+            _end_of_epoch(model, tokenizer, data, progress, device, accelerator, base.stop_token_ids)
             progress.eval_s += time.perf_counter() - eval_started
             progress.epoch += 1
             progress.step_in_epoch = 0
@@ -340,7 +341,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     progress.history.append({"step": progress.step, "eval_loss": round(final_eval, 5)})
 
     unwrapped: PeftModel = accelerator.unwrap_model(model)
-    metric = _score(unwrapped, tokenizer, data.eval_examples, device)
+    metric = _score(unwrapped, tokenizer, data.eval_examples, device, base.stop_token_ids)
     card = _build_card(config, base, data, progress, steps_per_epoch, trainable, total_params, final_eval, metric)
     if not accelerator.is_main_process:
         return TrainResult(store.path(config.name), card)
@@ -456,21 +457,23 @@ def _resume(run_dir: Path, model, optimizer, scheduler, digest: str) -> Progress
     return progress
 
 
-def _end_of_epoch(model, tokenizer, data: PreparedData, progress: Progress, device, accelerator) -> None:
+def _end_of_epoch(model, tokenizer, data: PreparedData, progress: Progress, device, accelerator, stop_ids) -> None:
     """Eval loss and the task metric (with the adapter) at the end of an epoch, into the history."""
     loss = eval_loss(model, data.eval, tokenizer.pad_token_id, 32, device)
-    score = exact_match(accelerator.unwrap_model(model), tokenizer, data.eval_examples, device).score
+    score = exact_match(accelerator.unwrap_model(model), tokenizer, data.eval_examples, device, stop_ids=stop_ids).score
     progress.history.append({"step": progress.step, "eval_loss": round(loss, 5), "exact_match": score, "epoch": progress.epoch + 1})
     if accelerator.is_main_process:
         tqdm.write(f"epoch {progress.epoch + 1}: eval loss {loss:.4f}, exact match {score:.3f}")
 
 
-def _score(model: PeftModel, tokenizer, examples: list[Example], device) -> MetricInfo:
-    """The task metric with the adapter and with the base alone, on the same eval examples."""
-    with_adapter = exact_match(model, tokenizer, examples, device).score
+def _score(model: PeftModel, tokenizer, examples: list[Example], device, stop_ids) -> MetricInfo:
+    """The task metric with the adapter and with the base alone, on the same eval examples, and
+    how often the adapter's replies stopped on a stop token."""
+    with_adapter = exact_match(model, tokenizer, examples, device, stop_ids=stop_ids)
     with model.disable_adapter():
-        base_alone = exact_match(model, tokenizer, examples, device).score
-    return MetricInfo("exact_match", base=base_alone, adapter=with_adapter, eval_examples=len(examples))
+        base_alone = exact_match(model, tokenizer, examples, device, stop_ids=stop_ids).score
+    return MetricInfo("exact_match", base=base_alone, adapter=with_adapter.score, eval_examples=len(examples),
+                      stop_rate=with_adapter.stop_rate)
 
 
 def _count_params(model) -> int:
@@ -517,4 +520,5 @@ def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress
         ),
         metric=metric,
         versions=_versions(),
+        chat=ChatInfo(sorted(base.stop_token_ids), end_of_turn_token(base.tokenizer)),
     )
