@@ -1,10 +1,9 @@
 """A fixed-shape KV cache for the decode loop, so that a decode step can be captured once as a
 CUDA graph and replayed (`ContinuousBatcher(..., decode=DecodeSettings(static_cache=True))`).
 
-Why: on a GPU the eager decode loop is bound by the host launching kernels one by one. On an H100
-(8B shape, `bench/results/gpu-nvidia-h100-80gb-hbm3-run2-serving.json`) a replayed graph decoded
-6-7x faster at batch 1 and 3.5-5.5x at batch 16 than the same steps launched from Python, with
-the same tokens. A graph replays fixed kernels on fixed addresses, so everything a step touches
+Why: on a GPU the eager decode loop is bound by the host launching kernels one by one, and a
+replayed graph decodes several times faster with the same tokens (docs/performance.md#decode-cache).
+A graph replays fixed kernels on fixed addresses, so everything a step touches
 must keep its shape and storage from step to step:
 
 - the cache holds `capacity` row slots of `context` columns per layer; the running requests are
@@ -76,8 +75,8 @@ def device_free_bytes(device: torch.device) -> int:
 DEFAULT_SLOTS_SHARE = 0.5
 """The most of the device's free memory (after the base) that the slots may take when they are the
 default rather than asked for: larger, the decode loop keeps the growing cache, which allocates
-only what the running requests hold. (The 8B shape's 32 x 1,024 slots take 4.3 GB; a 13B model
-without grouped KV heads would take 27 GB, more than a 24 GB card has.)"""
+only what the running requests hold. (`SlotCache.bytes_for` gives the size: a 13B model without
+grouped KV heads would need more than a 24 GB card has.)"""
 
 
 class SlotLayer(StaticLayer):

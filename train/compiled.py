@@ -10,7 +10,7 @@ blocks share one code object, so one compilation serves all of them.
 Gradient checkpointing stays outside the compiled region. transformers 5 puts the checkpoint in
 the block class's own `forward` (`GradientCheckpointingLayer`); compiling that traces the
 checkpoint into the graph, and Inductor's backward then holds a larger working set than eager
-recompute does (bench-gpu on an H100, 8B shape: 12.6 GB peak against 7.85 GB eager). So the layer's
+recompute does (measured on a GPU: docs/history/). So the layer's
 forward underneath the wrapper is what gets compiled, and the checkpoint runs eagerly around it,
 recomputing the compiled forward in the backward pass.
 

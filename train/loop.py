@@ -204,9 +204,9 @@ def enable_checkpointing(model) -> None:
 def use_fused_lora(setting: bool | None, model) -> bool:
     """The fused layers where they were measured to help: asked for, or by default on the CPU.
 
-    bench-train on this project's CPU: 1.77x the Trainer with them, 1.68x without. bench-gpu on an
-    H100 (8B shape), three runs: 0.85x, 1.08x and 1.00x of peft's forward, no steady gain, so a GPU
-    keeps peft's forward unless asked (and compiles it, `use_compile`).
+    They speed up CPU training; on a GPU they showed no steady gain over peft's forward, so a GPU
+    keeps peft's forward unless asked (and compiles it, `use_compile`). The figures:
+    docs/performance.md#device-dependent-defaults.
     """
     if setting is not None:
         return setting
@@ -216,9 +216,8 @@ def use_fused_lora(setting: bool | None, model) -> bool:
 def use_compile(setting: bool | None, model) -> bool:
     """Compiled decoder blocks where they were measured to help: asked for, or by default on a GPU.
 
-    bench-gpu on an H100 (8B shape, seq 2048, gradient checkpointing, run 4): 1.63x the Trainer's
-    tokens/s compiled against 1.19x eager, at the same 7.85 GB peak, after a 93 s compilation. On
-    this project's CPU the demo's short runs spent about half their time compiling (1.02x).
+    On a GPU the compiled blocks train faster at the same peak memory once compiled; the CPU's
+    short runs spend about as long compiling as they save (docs/performance.md#device-dependent-defaults).
     """
     if setting is not None:
         return setting
@@ -234,10 +233,9 @@ def make_optimizer(model, config: TrainConfig, device: torch.device):
     """AdamW over the trainable (LoRA) parameters.
 
     The default is torch's, fused on a GPU: a few multi-tensor kernels step all the LoRA matrices
-    together. QLoRA's paged 8-bit AdamW (`paged_adamw_8bit`) steps them one by one (448 matrices
-    on the 8B shape; on an H100 its step spanned 33 ms of the device's timeline per optimizer
-    step, bench/results/gpu-*-profile.txt) to save memory that LoRA's few parameters hardly need:
-    float32 states for the 8B shape's 42M LoRA parameters take 0.34 GB, 8-bit ones 0.08 GB.
+    together. QLoRA's paged 8-bit AdamW (`paged_adamw_8bit`) steps them one by one, a kernel per
+    matrix, to save memory that LoRA's few parameters hardly need: their float32 states are a
+    small fraction of the base's 4-bit weights (docs/performance.md#device-dependent-defaults).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = config.optim
