@@ -85,3 +85,25 @@ def test_the_matrix_diagonal_reads_each_adapters_own_task(tiny_base, two_adapter
     assert matrix.scores["base"]["colors"] < 0.5
     path = write_report(matrix, tmp_path / "reports", str(tiny_base))
     assert "**1.000**" in path.read_text() and read_matrix(tmp_path / "reports") == matrix
+
+
+def test_the_adapters_tab_shows_no_matrix_of_another_store(tiny_base, two_adapters, tmp_path):
+    """A report written for other adapters (another store, an old run) is not shown as this one's;
+    rows of adapters no longer served are left out."""
+    from serve.reports import EvalMatrix
+
+    reports = tmp_path / "reports"
+    other = EvalMatrix(models=["base", "json", "count"], tasks=["json", "count"], trained_on={"json": "json", "count": "count"},
+                       scores={m: {"json": 0.5, "count": 0.5} for m in ("base", "json", "count")}, examples={"json": 1, "count": 1})
+    write_report(other, reports, "elsewhere")
+    service = start_service(tiny_base, two_adapters, reports=reports)
+    try:
+        hidden = service.eval_matrix()
+        mixed = EvalMatrix(models=["base", "colors", "gone"], tasks=["colors"], trained_on={"colors": "colors"},
+                           scores={m: {"colors": 1.0} for m in ("base", "colors", "gone")}, examples={"colors": 1})
+        write_report(mixed, reports, "here")
+        _, rows = service.eval_matrix()
+    finally:
+        service.close()
+    assert hidden is None
+    assert [r[0] for r in rows] == ["base", "colors"]
