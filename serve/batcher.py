@@ -344,11 +344,11 @@ class ContinuousBatcher:
     def _step(self, admitted: list[Running]) -> None:
         with self.engine.lock:
             admitted = self._load_adapters(admitted)
-            prefilled = self._prefill_all(admitted) if admitted else []
+            prefilled = [(rows, *self._prefill(rows)) for rows in self._prefill_groups(admitted)]
             decode_logits = self._decode() if self._running else None
         # Rows of the running batch first, then the admitted ones, as in the cache.
-        logits = [t for t in [decode_logits, *[p[0] for p in prefilled]] if t is not None]
-        for (_, cache, mask), rows in zip(prefilled, self._prefill_groups(admitted)):
+        logits = [t for t in [decode_logits, *[p[1] for p in prefilled]] if t is not None]
+        for rows, _, cache, mask in prefilled:
             self._join(rows, cache, mask)
         self.steps += 1
         if logits:
@@ -374,9 +374,6 @@ class ContinuousBatcher:
         if not admitted:
             return []
         return [[seq] for seq in admitted] if self.deterministic else [admitted]
-
-    def _prefill_all(self, admitted: list[Running]) -> list[tuple[torch.Tensor, DynamicCache, torch.Tensor]]:
-        return [self._prefill(rows) for rows in self._prefill_groups(admitted)]
 
     def _forward(self, ids, mask, positions, rows: list[Running], cache: DynamicCache):
         model = self.engine.route([r.adapter_key for r in rows])
@@ -426,10 +423,12 @@ class ContinuousBatcher:
         generator lives. A row whose logits are not finite fails alone.
         """
         params = [seq.request.params for seq in self._running]
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finite = torch.isfinite(logits).all(dim=-1)
         if all(p.temperature == 0 for p in params):
-            tokens = logits.argmax(dim=-1).tolist()
+            # one transfer for both: on a GPU each read back to the host waits for the step
+            tokens, finite = torch.stack([logits.argmax(dim=-1), finite.long()]).tolist()
         else:
+            finite = finite.tolist()
             host = logits.float().cpu()
             tokens = [_pick(row, p, seq.generator) if ok else 0 for row, p, seq, ok in zip(host, params, self._running, finite)]
         return [t if ok else NonFiniteLogits() for t, ok in zip(tokens, finite)]
