@@ -7,8 +7,6 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 BASE ?= models/demo-base
 DEMO_TASKS := sentiment count last json
-# json copies three fields out of the prompt: it needs more passes than the one-word tasks.
-DEMO_ARGS_json := --epochs 12 --lr 1.5e-3
 ADAPTERS_DIR ?= adapters/store
 export ADAPTERS_DIR
 
@@ -70,9 +68,11 @@ data/%/train.jsonl: demo/tasks.py | setup
 data: data/uppercase/train.jsonl
 
 # A rebuilt base (a newer config.json) retrains the demo adapters; the store keeps the old version.
+# A task's own recipe, configs/demo/TASK.yaml, holds what differs from configs/demo-adapter.yaml.
 $(ADAPTERS_DIR)/%/card.json: $(BASE)/config.json | data/uppercase/train.jsonl
 	$(PY) -m train --config configs/demo-adapter.yaml --name $* --base $(BASE) \
-		--data data/$*/train.jsonl --eval-data data/$*/eval.jsonl --adapters $(ADAPTERS_DIR) $(DEMO_ARGS_$*)
+		$(if $(wildcard configs/demo/$*.yaml),--config configs/demo/$*.yaml) \
+		--data data/$*/train.jsonl --eval-data data/$*/eval.jsonl --adapters $(ADAPTERS_DIR)
 
 demo-adapters: $(foreach t,$(DEMO_TASKS),$(ADAPTERS_DIR)/$(t)/card.json)
 

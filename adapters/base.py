@@ -26,6 +26,24 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+VOCABULARIES = (
+    ("tokenizer.json",),
+    ("tokenizer.model",),
+    ("spiece.model",),
+    ("sentencepiece.bpe.model",),
+    ("vocab.json", "merges.txt"),
+    ("vocab.txt",),
+)
+"""The files that hold a tokenizer's vocabulary, one tuple per format (a `tokenizers` file,
+sentencepiece models, byte-level BPE, WordPiece; a `*.tiktoken` file counts too): a folder needs
+all the files of one. tokenizer_config.json and special_tokens_map.json hold settings, no vocabulary."""
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"
+CUSTOM_CODE_FILES = ("config.json", "tokenizer_config.json")
+"""Where a folder's `auto_map` names classes in its own Python files (custom code)."""
+
+
+class BaseFolderError(ValueError):
+    """A base that cannot be loaded as it is; the message names the folder, what is wrong and what to do."""
 
 
 @dataclass
@@ -43,6 +61,12 @@ class BaseConfig:
     device: str = field(
         default="auto",
         metadata={"help": "'auto' picks cuda when there is one, else cpu; or name one ('cpu', 'cuda:1')."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow a base whose folder brings its own Python code (an `auto_map` in config.json or "
+                          "tokenizer_config.json), which loading it runs; without it such a base is refused. Read "
+                          "that code first.", "flag": TRUST_REMOTE_CODE_FLAG},
     )
 
     def __post_init__(self) -> None:
@@ -127,13 +151,22 @@ def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     )
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The base's tokenizer with a chat template and a pad token guaranteed.
 
     Returns (tokenizer, template source). The pad token reuses an existing token so the
-    model's embedding matrix never has to be resized.
+    model's embedding matrix never has to be resized. A local folder is checked first
+    (`check_tokenizer_files`, and `check_custom_code` for a tokenizer of its own code), so a
+    missing file or custom code is refused naming the folder, not deep inside transformers.
     """
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    folder = local_folder(path)
+    if folder is not None:
+        check_tokenizer_files(folder)
+        check_custom_code(folder, trust_remote_code, only="AutoTokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise BaseFolderError(f"base {path}: its tokenizer did not load: {type(err).__name__}: {err}") from err
     source = "base"
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
@@ -141,6 +174,55 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer, source
+
+
+def has_vocabulary(folder: Path) -> bool:
+    return any(all((folder / n).is_file() for n in files) for files in VOCABULARIES) or any(folder.glob("*.tiktoken"))
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Refuse a folder without a whole tokenizer: BaseFolderError names the folder, the tokenizer
+    files it has and those it lacks (transformers' own error, about backends and converters, does not)."""
+    if has_vocabulary(folder):
+        return
+    known = dict.fromkeys([*TOKENIZER_FILES, *(n for files in VOCABULARIES for n in files)])
+    present = [n for n in known if (folder / n).is_file()]
+    halves = [files for files in VOCABULARIES if any((folder / n).is_file() for n in files)]
+    if halves:  # e.g. vocab.json without its merges.txt
+        missing = ", ".join(n for files in halves for n in files if not (folder / n).is_file())
+    else:
+        formats = " or ".join(" + ".join(files) for files in VOCABULARIES)
+        missing = f"a vocabulary: {formats} (or a *.tiktoken file)"
+    has = f"a partial tokenizer ({', '.join(present)})" if present else "no tokenizer"
+    raise BaseFolderError(f"base folder {folder} has {has}: missing {missing}. Copy the tokenizer files from where "
+                          "the model came from, or write them with tokenizer.save_pretrained(folder)")
+
+
+def custom_code(folder: Path) -> dict[str, str]:
+    """What loading the folder would import from its own Python files: the `auto_map` entries of
+    its config.json and tokenizer_config.json, as {'config.json AutoModelForCausalLM': 'modeling_x.XForCausalLM'}."""
+    found = {}
+    for name in CUSTOM_CODE_FILES:
+        file = folder / name
+        auto_map = json.loads(file.read_text()).get("auto_map") if file.is_file() else None
+        for auto_class, target in (auto_map or {}).items():
+            found[f"{name} {auto_class}"] = target if isinstance(target, str) else ", ".join(t for t in target if t)
+    return found
+
+
+def check_custom_code(folder: Path, allowed: bool, only: str | None = None) -> None:
+    """Refuse a folder that brings its own code, unless `allowed` (`BaseConfig.trust_remote_code`).
+
+    transformers would otherwise run that code (`trust_remote_code=True`), or, for an architecture
+    it knows, silently load its own class in its place: a different model from the one the folder
+    describes. `only`: consider the entries of this auto class alone (the tokenizer's: 'AutoTokenizer').
+    """
+    entries = {k: v for k, v in custom_code(folder).items() if only is None or k.endswith(f" {only}")}
+    if entries and not allowed:
+        listed = "; ".join(f"{k} -> {v}" for k, v in entries.items())
+        raise BaseFolderError(f"base folder {folder} brings its own Python code, which loading it would run "
+                              f"({listed}): refused. Read that code; if you trust it, pass {TRUST_REMOTE_CODE_FLAG} "
+                              "(in a config file: trust_remote_code: true)")
 
 
 def _device_map(device: torch.device):
@@ -168,15 +250,17 @@ def use_exact_4bit_kernels(model: torch.nn.Module) -> int:
 
 
 def load_base(config: BaseConfig) -> LoadedBase:
-    """Load the base model once, frozen, 4-bit unless `config.quantize` is False."""
+    """Load the base model once, frozen, 4-bit unless `config.quantize` is False.
+
+    Weights load in the compute dtype whatever the folder stores (bf16 on disk is float32 on the
+    CPU), from one file or from shards with their index. BaseFolderError for a folder with custom
+    code (without `trust_remote_code`) or an incomplete tokenizer, before any weight is read.
+    """
+    check_base_code(config)
     device = resolve_device(config.device)
     dtype = compute_dtype_for(device)
-    tokenizer, template_source = load_tokenizer(config.path)
-    # Under FSDP no device map: the ranks load on the CPU and FSDP moves each its shard.
-    kwargs = {"dtype": dtype} if under_fsdp() else {"device_map": _device_map(device), "dtype": dtype}
-    if config.quantize:
-        kwargs["quantization_config"] = quantization_config(dtype)
-    model = AutoModelForCausalLM.from_pretrained(config.path, **kwargs)
+    tokenizer, template_source = load_tokenizer(config.path, config.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(config.path, **_model_kwargs(config, device, dtype))
     model.requires_grad_(False)
     model.eval()
     use_exact_4bit_kernels(model)
@@ -188,25 +272,52 @@ def load_base(config: BaseConfig) -> LoadedBase:
         config=config,
         device=next(model.parameters()).device,
         compute_dtype=dtype,
-        fingerprint=base_fingerprint(config.path),
+        fingerprint=base_fingerprint(config.path, config.trust_remote_code),
         chat_template_source=template_source,
     )
 
 
-def local_base_dir(path: str) -> Path | None:
-    """The folder holding a base: the path itself, or a hub id's snapshot already in the cache."""
+def _model_kwargs(config: BaseConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    # dtype given, never "auto": a folder's own dtype (bf16, fp16) would otherwise be the compute dtype
+    kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if not under_fsdp():  # under FSDP no device map: the ranks load on the CPU and FSDP moves each its shard
+        kwargs["device_map"] = _device_map(device)
+    if config.quantize:
+        kwargs["quantization_config"] = quantization_config(dtype)
+    return kwargs
+
+
+def check_base_code(config: BaseConfig) -> None:
+    """BaseFolderError for a base folder that brings its own code, unless `config` allows it
+    (`check_custom_code`); a base found only by hub id is checked by transformers when it loads."""
+    folder = local_folder(config.path)
+    if folder is not None:
+        check_custom_code(folder, config.trust_remote_code)
+
+
+def local_folder(path: str) -> Path | None:
+    """The folder holding a base, found without the network: the path itself, or a hub id's
+    snapshot already in the cache; None otherwise (quietly: `local_base_dir` says so)."""
     if Path(path).is_dir():
         return Path(path)
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(path, local_files_only=True))
-    except Exception as err:  # noqa: BLE001 - any miss means 'not cached'; said below
-        log.warning("base %s is not a folder nor in the hub cache (%s)", path, err)
+    except (OSError, ValueError) as err:  # not cached, or not a hub id: loading by id says why, if it fails
+        log.debug("base %s: no local folder (%s)", path, err)
         return None
 
 
-def base_fingerprint(path: str) -> str:
+def local_base_dir(path: str) -> Path | None:
+    """`local_folder`, saying when there is none."""
+    folder = local_folder(path)
+    if folder is None:
+        log.warning("base %s is not a folder nor in the hub cache", path)
+    return folder
+
+
+def base_fingerprint(path: str, trust_remote_code: bool = False) -> str:
     """A cheap identity for a base: config, tokenizer files, and weight file names and sizes.
 
     Hashing the weights themselves would take minutes for a real model; names and sizes
@@ -215,7 +326,7 @@ def base_fingerprint(path: str) -> str:
     folder = local_base_dir(path)
     digest = hashlib.sha256()
     if folder is None:
-        config = AutoConfig.from_pretrained(path).to_dict()
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).to_dict()
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         return "sha256:" + digest.hexdigest()[:32]
     config_text = (folder / "config.json").read_text()

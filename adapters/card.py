@@ -85,6 +85,27 @@ class MetricInfo:
     stop_rate: float | None = None
     """Share of the adapter's eval replies that ended on a stop token, not at the token limit
     (None on cards written before it was recorded)."""
+    base_stop_rate: float | None = None
+    """The same share for the base alone on the same eval set (None on older cards)."""
+
+
+@dataclass
+class StopRowsInfo:
+    """How the base stood with its stop tokens before training, and which of their rows the
+    adapter trains (peft's `trainable_token_indices`; docs/training.md#stop-rows)."""
+
+    base_probability: dict[str, float]
+    """Stop token id (a JSON key, so a string) -> the base's mean probability of it at the reply
+    ends of the probed training examples where it is the next token."""
+    threshold: float
+    """Stop tokens below this probability get their rows trained unless the run says otherwise."""
+    setting: str
+    """'auto' (trained where below the threshold), 'on' or 'off' (`--[no-]train-stop-rows`)."""
+    trained_token_ids: list[int] = field(default_factory=list)
+    """The stop tokens whose output rows (and tied input rows) the adapter holds; empty: none."""
+    adapter_probability: dict[str, float] = field(default_factory=dict)
+    """The same mean probabilities with the trained adapter, at the same positions."""
+    probed_examples: int = 0
 
 
 @dataclass
@@ -111,6 +132,8 @@ class AdapterCard:
     card_version: int = CARD_VERSION
     chat: ChatInfo | None = None
     """None on cards written before stop tokens were recorded."""
+    stop_rows: StopRowsInfo | None = None
+    """None on cards written before the stop tokens were probed."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -135,6 +158,8 @@ class AdapterCard:
             kwargs["metric"] = _build(MetricInfo, data["metric"])
         if data.get("chat") is not None:
             kwargs["chat"] = _build(ChatInfo, data["chat"])
+        if data.get("stop_rows") is not None:
+            kwargs["stop_rows"] = _build(StopRowsInfo, data["stop_rows"])
         return cls(**kwargs)
 
 

@@ -214,6 +214,23 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def load_yamls(paths: list[str | Path]) -> dict:
+    """The mappings of several YAML config files, each one's keys over the ones before it, section
+    by section: a task's recipe can hold only what differs from a shared one."""
+    merged: dict = {}
+    for path in paths:
+        _merge(merged, load_yaml(path))
+    return merged
+
+
+def _merge(tree: dict, over: Mapping) -> None:
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
 def apply_overrides(tree: dict, dotted: Mapping[str, Any]) -> dict:
     """`tree` (a config as nested dicts) with each `section.key` of `dotted` set over it."""
     for key, value in dotted.items():

@@ -3,7 +3,8 @@
 Everything peft's `load_adapter` and the serving engine could fail on, or be corrupted by, is
 checked here when an adapter is registered: the config's types, the rank the tensors really
 have, which modules the config makes peft inject, finite floating-point weights in complete
-A/B pairs, the base the adapter was trained on, and its chat template.
+A/B pairs, trained token rows that fit the base's vocabulary, the base the adapter was trained
+on, and its chat template.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ KEY_PREFIX = "base_model.model."
 LORA_PARTS = {".lora_A.weight": 0, ".lora_B.weight": 1}
 """Tensor key suffix -> its place in a module's (A, B) pair."""
 EMBEDDING_MARK = ".lora_embedding_"
+TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+"""How peft names the rows `trainable_token_indices` trains: `<module><suffix>`, [tokens, hidden]."""
 ALL_LINEAR = "all-linear"
 MAX_LISTED = 3
 """Modules named in one reason before the rest are counted."""
@@ -56,6 +59,12 @@ class BaseShape:
     """The path or hub id the base was loaded from ('' when unknown)."""
     output_module: str = ""
     """The output head's module name, which peft's 'all-linear' leaves out ('' when none)."""
+    input_module: str = ""
+    """The input embedding's module name ('' when unknown)."""
+    embedding_shape: tuple[int, int] = (0, 0)
+    """The input embedding's [vocabulary, hidden] ((0, 0) when unknown)."""
+    tied_embeddings: bool = False
+    """The output head and the input embedding share one weight."""
 
     @classmethod
     def of(cls, model: torch.nn.Module, fingerprint: str, name_or_path: str | None = None) -> "BaseShape":
@@ -68,12 +77,21 @@ class BaseShape:
         architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
         if name_or_path is None:
             name_or_path = getattr(model.config, "_name_or_path", "") or ""
-        return cls(fingerprint, architectures[0], shapes, str(name_or_path), _output_module(model))
+        head, embedding = _embeddings(model)
+        return cls(fingerprint, architectures[0], shapes, str(name_or_path), _module_name(model, head),
+                   _module_name(model, embedding), tuple(embedding.weight.shape) if embedding is not None else (0, 0),
+                   head is not None and embedding is not None and head.weight is embedding.weight)
 
 
-def _output_module(model: torch.nn.Module) -> str:
+def _embeddings(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(the output head, the input embedding) where the model names them."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((name for name, module in model.named_modules() if head is not None and module is head), "")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return head, embedding
+
+
+def _module_name(model: torch.nn.Module, target: torch.nn.Module | None) -> str:
+    return next((name for name, module in model.named_modules() if target is not None and module is target), "")
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,8 @@ class AdapterShape:
     """What is wrong with the tensors themselves (non-finite, unpaired, ...); refused by `check_adapter`."""
     card: AdapterCard | None = None
     """The adapter's card; set by `check_adapter` when the folder has one."""
+    token_row_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Module name -> the shape of the token rows peft's `trainable_token_indices` trained in it."""
 
 
 # -- the files ------------------------------------------------------------------------------
@@ -111,7 +131,8 @@ def read_adapter_files(folder: Path) -> AdapterShape:
     pairs = _lora_pairs(tensors)
     shapes = {module: (a[1], b[0]) for module, (a, b) in pairs.items()}
     ranks = {module: a[0] for module, (a, _) in pairs.items()}
-    return AdapterShape(config, shapes, tuple(embeddings), ranks, tuple(tensor_problems(tensors)))
+    rows = {module: tuple(t.shape) for module, t in token_row_tensors(tensors).items()}
+    return AdapterShape(config, shapes, tuple(embeddings), ranks, tuple(tensor_problems(tensors)), token_row_shapes=rows)
 
 
 def _refuse_pickles(folder: Path) -> None:
@@ -164,7 +185,8 @@ def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     not_finite = sorted(key for key, t in tensors.items() if t.dtype.is_floating_point and not torch.isfinite(t.float()).all())
     if not_finite:
         problems.append(f"tensors hold NaN or inf values: {_listed(not_finite)}")
-    stray = sorted(key for key in tensors if _lora_part(key) is None and EMBEDDING_MARK not in key)
+    stray = sorted(key for key in tensors if _lora_part(key) is None and EMBEDDING_MARK not in key
+                   and not key.endswith(TOKEN_ROWS_SUFFIX))
     if stray:
         # peft would drop them, or load full layers into the base every request shares.
         problems.append(f"tensors that are not LoRA A/B matrices: {_listed(stray)}")
@@ -222,8 +244,8 @@ def check_adapter(folder: Path, base: BaseShape) -> AdapterShape:
     folder = Path(folder)
     adapter = read_adapter_files(folder)
     problems = config_problems(adapter.config) + unservable_variants(adapter) + list(adapter.weight_problems)
-    if not problems:  # the rank and targets are only meaningful in a well-typed config
-        problems += rank_problems(adapter) + target_problems(folder, adapter, base)
+    if not problems:  # the rank, targets and token rows are only meaningful in a well-typed config
+        problems += rank_problems(adapter) + target_problems(folder, adapter, base) + token_row_problems(adapter, base)
     card, identity = base_identity_problems(folder, adapter.config, base)
     problems += identity + shape_problems(adapter, base) + template_problems(folder)
     if problems:
@@ -324,11 +346,12 @@ def _unmatched_targets(targets: str | set[str], base: BaseShape, embeddings: tup
 def unservable_variants(adapter: AdapterShape) -> list[str]:
     """What a plain-LoRA adapter does not have and the serving engine cannot compute per request.
 
-    The engine adds each row's own scale·B·A to shared linear layers; anything that changes the
-    shared base itself (trained biases, full module copies, trained token rows, replicated
-    layers) or that is not a low-rank product on a linear layer (DoRA's magnitudes, embedding
-    LoRA, LoRA on raw parameters) would leak into other requests or be silently dropped, so it
-    is refused when the adapter is registered.
+    The engine adds each row's own scale·B·A to shared linear layers, and swaps in each row's own
+    trained token rows (`trainable_token_indices`, checked by `token_row_problems`); anything else
+    that changes the shared base itself (trained biases, full module copies, replicated layers)
+    or that is not a low-rank product on a linear layer (DoRA's magnitudes, embedding LoRA, LoRA
+    on raw parameters) would leak into other requests or be silently dropped, so it is refused
+    when the adapter is registered.
     """
     config, problems = adapter.config, []
     if config.get("use_dora"):
@@ -339,8 +362,6 @@ def unservable_variants(adapter: AdapterShape) -> list[str]:
         problems.append("trained biases (bias / lora_bias) would change the shared base for every request")
     if adapter.embedding_modules:
         problems.append(f"LoRA on embedding layers {list(adapter.embedding_modules)} is not served (linear layers only)")
-    if config.get("trainable_token_indices"):
-        problems.append("trainable_token_indices would change the shared embedding for every request")
     if config.get("target_parameters"):
         problems.append(f"target_parameters {config['target_parameters']}: LoRA on raw parameters (such as fused MoE "
                         "expert weights) is not served (linear layers only); train with --target-modules naming linear "
@@ -363,6 +384,121 @@ def shape_problems(adapter: AdapterShape, base: BaseShape) -> list[str]:
         if len(problems) > 5:
             break
     return problems
+
+
+# -- trained token rows ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenRowSet:
+    """The rows an adapter trained for a few token ids of one shared matrix."""
+
+    token_ids: tuple[int, ...]
+    rows: torch.Tensor
+    """[tokens, hidden]: row i replaces the base's row for token_ids[i]."""
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """An adapter's trained token rows (peft's `trainable_token_indices`) as they act on the base:
+    on the input embedding, on the output head, or on both (None where they leave it alone)."""
+
+    input: TokenRowSet | None = None
+    output: TokenRowSet | None = None
+
+    def __bool__(self) -> bool:
+        return self.input is not None or self.output is not None
+
+
+def token_row_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module name -> the token rows peft saved for it ([tokens, hidden])."""
+    return {key.removeprefix(KEY_PREFIX).removesuffix(TOKEN_ROWS_SUFFIX): t
+            for key, t in tensors.items() if key.endswith(TOKEN_ROWS_SUFFIX)}
+
+
+def _token_targets(config: dict, base: BaseShape) -> tuple[dict[str, list], list[str]]:
+    """The base module each entry of `trainable_token_indices` names -> its token ids, as peft
+    resolves them (a list: the input embedding; a mapping: the modules whose names end with its
+    keys); and what is wrong with the entries."""
+    named = config.get("trainable_token_indices")
+    if isinstance(named, list):
+        named = {base.input_module: named}
+    if not isinstance(named, dict) or not named:
+        return {}, [f"trainable_token_indices must be a list of token ids or map module names to lists of them, "
+                    f"got {named!r}"]
+    targets, problems = {}, []
+    for name, ids in named.items():
+        named_ok = isinstance(name, str) and bool(name)
+        module = next((m for m in (base.input_module, base.output_module) if m and named_ok and m.endswith(name)), None)
+        if module is None:
+            problems.append(f"trainable_token_indices names {name!r}, which is neither the base's input embedding "
+                            f"{base.input_module!r} nor its output head {base.output_module!r}")
+        else:
+            problems += _token_id_problems(module, ids, base.embedding_shape[0])
+            targets[module] = ids
+    return targets, problems
+
+
+def _token_id_problems(module: str, ids: object, vocab: int) -> list[str]:
+    if not isinstance(ids, list) or not ids or not all(_token_id(i) for i in ids):
+        return [f"trainable_token_indices for {module} must be a non-empty list of token ids, got {ids!r}"]
+    outside = sorted(i for i in ids if i >= vocab)
+    if vocab and outside:
+        return [f"trainable_token_indices for {module}: token ids {outside[:MAX_LISTED]} are outside the base's "
+                f"vocabulary of {vocab}"]
+    if len(set(ids)) != len(ids):
+        return [f"trainable_token_indices for {module} repeats token ids: {ids}"]
+    return []
+
+
+def _token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def token_row_problems(adapter: AdapterShape, base: BaseShape) -> list[str]:
+    """Trained token rows the engine can swap in per request: for the base's input embedding or
+    output head only, one row of the base's width per token id the config names, every named
+    module's rows present (a tied head shares the embedding's) and none that it does not name.
+    (Their values were checked with the other tensors: floating point, finite.)"""
+    if not adapter.config.get("trainable_token_indices"):
+        return [f"the weights hold token rows for {_listed(sorted(adapter.token_row_shapes))}, but "
+                f"{ADAPTER_CONFIG} has no trainable_token_indices"] if adapter.token_row_shapes else []
+    targets, problems = _token_targets(adapter.config, base)
+    widths = {base.input_module: base.embedding_shape[1], base.output_module: base.linear_shapes.get(base.output_module, (0,))[0]}
+    for module, ids in targets.items():
+        shape = adapter.token_row_shapes.get(module)
+        if shape is None and not _shares_embedding_rows(module, targets, base):
+            problems.append(f"trainable_token_indices names {module}, but the weights hold no token rows for it")
+        elif shape is not None and shape != (len(ids), widths[module]):
+            problems.append(f"{module}: token rows {list(shape)}, expected [{len(ids)}, {widths[module]}] "
+                            f"({len(ids)} token ids of width {widths[module]})")
+    unnamed = sorted(set(adapter.token_row_shapes) - set(targets))
+    if unnamed:
+        problems.append(f"the weights hold token rows for {_listed(unnamed)}, which trainable_token_indices does not name")
+    return problems
+
+
+def _shares_embedding_rows(module: str, targets: dict[str, list], base: BaseShape) -> bool:
+    """A tied output head named with the embedding's own ids: peft trains and saves them once, in the embedding."""
+    return (base.tied_embeddings and module == base.output_module
+            and targets.get(base.input_module) == targets[module])
+
+
+def read_token_rows(folder: Path, base: BaseShape) -> TokenRows:
+    """The adapter's trained token rows as they act on this base (float32, on the CPU): the
+    embedding's rows on the input; on the output, the head's own rows, or on a tied base without
+    them the embedding's (peft ties them so). AdapterCheckError for rows `check_adapter` refuses."""
+    if not _read_config(Path(folder) / ADAPTER_CONFIG).get("trainable_token_indices"):
+        return TokenRows()  # what the engine loads most: answered from the config alone
+    adapter = read_adapter_files(folder)
+    saved = {k: t for k, t in _read_tensors(Path(folder) / ADAPTER_WEIGHTS).items() if k.endswith(TOKEN_ROWS_SUFFIX)}
+    problems = token_row_problems(adapter, base) + tensor_problems(saved)
+    if problems:
+        raise AdapterCheckError("; ".join(problems))
+    targets, _ = _token_targets(adapter.config, base)
+    sets = {m: TokenRowSet(tuple(targets[m]), t.float()) for m, t in token_row_tensors(saved).items()}
+    own_output = sets.get(base.output_module)
+    shared = sets.get(base.input_module) if base.tied_embeddings else None
+    return TokenRows(sets.get(base.input_module), own_output or shared)
 
 
 # -- which base it was trained on -------------------------------------------------------------

@@ -29,6 +29,7 @@ bench-gpu times it against `KERNEL_SWEEP`'s other shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.routing import restacked
-from serve.routing import BASE, LoraRouter
+from serve.routing import BASE, LoraRouter, RowPlan
 
 try:
     import triton
@@ -198,7 +199,7 @@ def routed(router: LoraRouter, config: KernelConfig = DEFAULT, **settings):
         router.lora_add, router.kernel_rows = lora_add, MAX_ROWS
         device = _layers_device(router)
         if device.type != "cpu":
-            router.set_rows = _slots_on_device(router, device)
+            router.set_rows = _indices_on_device(router, device)
         try:
             yield answers
         finally:
@@ -211,15 +212,16 @@ def _layers_device(router: LoraRouter) -> torch.device:
     return layers[0].get_base_layer().weight.device if layers else torch.device("cpu")
 
 
-def _slots_on_device(router: LoraRouter, device: torch.device):
-    """`router.set_rows`, then its `item_slots` copied into a fixed buffer on `device`."""
+def _indices_on_device(router: LoraRouter, device: torch.device):
+    """`router.set_rows`, then its plan's `item_indices` copied into a fixed buffer on `device`."""
     buffer = torch.full((MAX_ROWS,), BASE, dtype=torch.long, device=device)
     set_rows = router.set_rows  # the class's, bound: called before this replaces it
 
-    def set_rows_on_device(keys, replayed: bool = False) -> None:
-        set_rows(keys, replayed)
-        slots = router.item_slots
-        if len(slots) <= MAX_ROWS:
-            router.item_slots = buffer[: len(slots)].copy_(slots, non_blocking=True)
+    def set_rows_on_device(keys, replayed: bool = False) -> RowPlan:
+        plan = set_rows(keys, replayed)
+        indices = plan.item_indices
+        if len(indices) <= MAX_ROWS:
+            router.plan = dataclasses.replace(plan, item_indices=buffer[: len(indices)].copy_(indices, non_blocking=True))
+        return router.plan
 
     return set_rows_on_device

@@ -22,7 +22,7 @@ from serve.registry import AdapterRegistry
 from serve.server import DEFAULT_HOST
 from serve.service import ServiceConfig
 
-BASE_KEYS = ("service.base", "service.adapters", "service.quantize")
+BASE_KEYS = ("service.base", "service.adapters", "service.quantize", "service.trust_remote_code")
 """The fields every command takes, given before its name (`python -m serve --base DIR list`)."""
 
 
@@ -33,7 +33,7 @@ def service_config(args) -> ServiceConfig:
 
 def build_registry(args) -> tuple[AdapterRegistry, object]:
     config = service_config(args)
-    base = load_base(BaseConfig(config.base, quantize=config.quantize))
+    base = load_base(BaseConfig(config.base, quantize=config.quantize, trust_remote_code=config.trust_remote_code))
     registry = AdapterRegistry(AdapterStore(config.adapters), BaseShape.of(base.model, base.fingerprint))
     registry.refresh()
     return registry, base

@@ -2,9 +2,11 @@
 request routed to its own adapter per row (`serve/routing.py`), never by a shared `set_adapter`.
 
 Only this module touches peft adapter state. Deciding which adapters stay resident (the LRU in
-`AdapterCache`) is kept apart from loading and unloading them (`Engine.make_resident`). Every
-generation, whoever asks (the server, `serve chat`, `make eval`, the benches), runs through one
-decode loop (`serve/batcher.py`): `Engine.generate` is a submit-and-wait over it.
+`AdapterCache`) is kept apart from loading and unloading them (`Engine.make_resident`). An
+adapter's trained token rows (`trainable_token_indices`) stay out of peft and are applied per
+row by `serve/token_rows.py`. Every generation, whoever asks (the server, `serve chat`,
+`make eval`, the benches), runs through one decode loop (`serve/batcher.py`): `Engine.generate`
+is a submit-and-wait over it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from adapters.base import LoadedBase, end_of_turn_id
 from adapters.chat import Message, encode_prompt
+from adapters.compat import read_token_rows
 from adapters.store import CHAT_TEMPLATE_FILE
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
 from serve.routing import LoraRouter
 from serve.slots import DecodeSettings
+from serve.token_rows import TokenRowRouter
 
 if TYPE_CHECKING:
     from serve.batcher import ContinuousBatcher, Stream
@@ -186,6 +190,8 @@ class Engine:
         self.cache = AdapterCache(max_loaded)
         self._model: PeftModel | None = None
         self._router: LoraRouter | None = None
+        self._tokens = TokenRowRouter(base.model, per_row=decode.deterministic)
+        """The resident adapters' trained token rows, applied per row (serve/token_rows.py)."""
         self._host: dict[str, tuple[PeftConfig, dict]] = {}
         """Evicted adapters' weights kept in host memory: reloading them reads no file."""
         self.lock = threading.Lock()
@@ -219,14 +225,29 @@ class Engine:
                                    f"{type(err).__name__}: {err}") from err
 
     def _load_from_disk(self, entry: AdapterEntry) -> None:
+        rows = read_token_rows(entry.path, self.registry.base)
+        config = self._lora_only_config(entry) if rows else None  # None: peft reads the folder's own
         if self._model is None:
-            self._model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.key)
+            self._model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.key, config=config)
         else:
+            if config is not None:  # added first, so load_adapter only loads the weights
+                self._model.add_adapter(entry.key, config)
             self._model.load_adapter(str(entry.path), adapter_name=entry.key)
         self._model.eval()
+        self._tokens.add(entry.key, rows)
+
+    @staticmethod
+    def _lora_only_config(entry: AdapterEntry) -> LoraConfig:
+        """The adapter's config without its token rows: peft would wrap the shared embedding and
+        head to apply them for its one active adapter, to every request. Their tensors in the
+        weights file then match no module, and peft's non-strict load leaves them out."""
+        config = LoraConfig.from_pretrained(str(entry.path))
+        config.trainable_token_indices = None
+        config.inference_mode = True
+        return config
 
     def _check_finite(self, entry: AdapterEntry) -> None:
-        """Refuse non-finite weights: on the masked path one slot's NaN would reach every row."""
+        """Refuse non-finite weights: on the masked path one adapter's NaN would reach every row."""
         for name, tensor in self._adapter_weights(entry.key).items():
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{name} holds non-finite values")
@@ -242,6 +263,7 @@ class Engine:
         self.cache.remove(key)
         self._host.pop(key, None)
         self._templates.pop(key, None)
+        self._tokens.remove(key)
         if self._model is not None and key in self._model.peft_config:
             self._model.delete_adapter(key)
 
@@ -277,8 +299,13 @@ class Engine:
         if self._model is not None and (changed or failed or self._router is None):
             self._router = self._router or LoraRouter(self._model, self.base.compute_dtype, kernel=self.lora_kernel,
                                                       per_row=self.decode.deterministic)
-            self._router.rebuild(self.cache.resident())
+            self._restack()
         return failed
+
+    def _restack(self) -> None:
+        """Stack the resident adapters' weights again: the LoRA router's and the token rows'."""
+        self._router.rebuild(self.cache.resident())
+        self._tokens.rebuild(self.cache.resident())
 
     def route(self, keys: list[str | None], replayed: bool = False) -> torch.nn.Module:
         """The model to run for rows that use these adapter keys (None: the base alone).
@@ -286,6 +313,7 @@ class Engine:
         if self._model is None:
             return self.base.model
         self._router.set_rows(keys, replayed)
+        self._tokens.set_rows(keys)
         return self._model
 
     @property
@@ -298,7 +326,8 @@ class Engine:
         current rows, and the stacks' version (their addresses)."""
         if self._router is None:
             return ("plain",), None
-        return self._router.signature(), (id(self._router), self._router.version)
+        return (self._router.signature() + self._tokens.signature(),
+                (id(self._router), self._router.version, self._tokens.version))
 
     def resident(self) -> list[str]:
         return self.cache.resident()
@@ -318,7 +347,7 @@ class Engine:
                 self.cache.remove(key)
                 self._unload(key)
             if keys and self._router is not None:
-                self._router.rebuild(self.cache.resident())
+                self._restack()
         return bool(keys)
 
     # -- requests ------------------------------------------------------------------------

@@ -2,38 +2,50 @@
 
 peft's `adapter_names` path loops over the batch's adapters in every adapted layer; on a small
 model those Python-level steps cost more than the arithmetic. Here each adapted layer keeps its
-resident adapters' A and B stacked, A as [slots·R, in] and Bᵀ as [slots·R, out] (ranks
-zero-padded to the largest, R; slot s owns rows s·R .. s·R+R of both), and one step costs the
-same few operations per layer however many adapters the batch mixes:
+resident adapters' A and B stacked, A as [adapters·R, in] and Bᵀ as [adapters·R, out] (ranks
+zero-padded to the largest, R; the adapter at index i owns rows i·R .. i·R+R of both), and one
+step costs the same few operations per layer however many adapters the batch mixes.
 
-- on the CPU in float32, one call of a fused kernel (`serve/kernels`) that computes each row's
-  `scale·(x·Aₛᵀ)·Bₛ` for its own slot s and adds it to the base layer's output;
-- otherwise (a GPU, other dtypes, long prefills) torch ops: when every row uses one adapter, two
-  matrix products with that slot's own blocks (for a single row in a step replayed from a CUDA
-  graph, the first is a compiled reduction: `SHRINKS`, `auto_shrinks`); when rows mix adapters,
-  `h = x·Aᵀ` for every slot at once, `h *= mask` (each row keeps its own slot's columns, times
-  its alpha/r), `y += h·Bᵀ`.
+Three pieces, each with one job:
 
-When every row uses the base, nothing is added. The stacks are the only copy of the adapters'
-weights on the device: peft's own A and B are views into them.
+- `stack_adapters` is a function from the resident adapters (their keys, in index order) to a
+  `StackSet`: every adapted layer's stacks, built whole and never changed. `share_storage` then
+  points peft's own A and B at them, so the stacks are the only copy on the device.
+- `RowPlan` is what one forward computes: each batch item's adapter index, and the masks or
+  groups the paths derive from them. `LoraRouter.set_rows` makes a new plan for each step.
+- `Path` names the ways a layer adds its delta, and `torch_path` picks one from the plan and the
+  step's row count; `PATHS` holds their functions:
+  - `kernel`: on the CPU in float32, one call of a fused kernel (`serve/kernels`) that computes
+    each row's `scale·(x·Aᵢᵀ)·Bᵢ` for its own adapter i (tried first; it declines what it does
+    not take, and a torch path runs);
+  - `single`: every row uses one adapter: two products with that adapter's own blocks (for a
+    single row in a step replayed from a CUDA graph, the first is a compiled reduction:
+    `SHRINKS`, `auto_shrinks`);
+  - `masked`: rows mix adapters: `h = x·Aᵀ` for every adapter at once, `h *= mask` (each row
+    keeps its own adapter's columns, times its alpha/r), `y += h·Bᵀ`;
+  - `grouped`: a long mixed prefill: each adapter's own batch items apart;
+  - `per_row`: the deterministic mode: each batch item's products alone, at its own rank;
+  - `base`: every row uses the base, nothing is added.
 
 Layers handed the same input (q/k/v, gate/up: `PACKED_INPUTS`) share one A stack on the torch
 paths, so `x·Aᵀ` is one product for the group rather than one per layer (vLLM packs its q/k/v
-LoRA the same way): a Llama block's adapter kernels at batch 1 go from 14 to 11, and a GPU's
-decode step is set by how many kernels it launches.
+LoRA the same way): a GPU's decode step is set by how many kernels it launches. The product is
+the one piece of state a step carries between layers (`InputGroup.shares`).
 
 Only the engine uses this, under its lock; the rows are set before each forward. A routed
-model ignores peft's active-adapter state (`set_adapter`, `disable_adapter`): the rows decide.
+model ignores peft's active-adapter state (`set_adapter`, `disable_adapter`): the plan decides.
 Plain LoRA on linear layers only: the registry refuses what this cannot compute (DoRA,
 embedding LoRA, modules_to_save).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib.util
 import types
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -44,19 +56,30 @@ KERNEL_MAX_ROWS = 64
 """Above this many rows (a long prefill) torch's blocked matrix products beat the row-at-a-time kernel."""
 
 GPU_MASKED_MAX_ELEMENTS = 1 << 24
-"""On a GPU a mixed step takes the masked path (every slot's product for every row, three kernels
-per layer) unless its [rows, slots·R] hidden tensor would pass this many elements (32 MiB in bf16).
-Grouping launches about five kernels per adapter per layer, and on a GPU at these sizes the
-launches, not the arithmetic, set the time; at the bound the masked path's extra arithmetic is
-still a few percent of the base's own."""
+"""On a GPU a mixed step takes the masked path (every adapter's product for every row, three
+kernels per layer) unless its [rows, adapters·R] hidden tensor would pass this many elements
+(32 MiB in bf16). Grouping launches about five kernels per adapter per layer, and on a GPU at
+these sizes the launches, not the arithmetic, set the time; at the bound the masked path's extra
+arithmetic is still a few percent of the base's own."""
 
 KERNELS = ("auto", "torch")
 """`LoraRouter`'s kernel choices: auto (the fused CPU kernel for float32 on the CPU, torch ops
-elsewhere), torch (torch ops everywhere). (A Triton kernel for GPU decode steps lost to the torch
-ops on an H100 and left for bench/: docs/history/triton-lora-kernel.md.)"""
+elsewhere), torch (torch ops everywhere). (A Triton kernel for GPU decode steps was tried and left
+for bench/: docs/history/triton-lora-kernel.md says what it measured.)"""
 
 BASE = -1
-"""`LoraRouter.single` when every row uses the base alone."""
+"""A batch item's adapter index when it uses the base alone."""
+
+
+class Path(enum.StrEnum):
+    """The ways an adapted layer adds the step's LoRA delta (the module docstring says when each runs)."""
+
+    BASE = "base"
+    KERNEL = "kernel"
+    SINGLE = "single"
+    MASKED = "masked"
+    GROUPED = "grouped"
+    PER_ROW = "per_row"
 
 
 def _row_reduce(x2: torch.Tensor, At: torch.Tensor) -> torch.Tensor:
@@ -86,7 +109,7 @@ def _reduce(x2: torch.Tensor, At: torch.Tensor) -> torch.Tensor:
 
 
 SHRINKS = {"mm": torch.mm, "reduce": _reduce}
-"""How the one-adapter path computes `x·Aᵀ` ([rows, in] times one slot's [in, R] block, a
+"""How the single path computes `x·Aᵀ` ([rows, in] times one adapter's [in, R] block, a
 transposed view of its contiguous rows): `LoraRouter(shrink=...)`; `auto` uses both. For a single
 row (a batch-1 decode step) cuBLAS runs `mm` as a split-K GEMM plus a reduction kernel, slow for
 the little memory it reads (docs/performance.md). `reduce` is one kernel that Inductor generates
@@ -120,36 +143,40 @@ hint: a group's shared product is reused only for that very tensor (see `InputGr
 
 class InputGroup:
     """Adapted sibling layers that take the same input: their A stacks are one tensor, and one
-    product `x·Aᵀ` serves all of them, each reading its own R columns per slot."""
+    product `x·Aᵀ` serves all of them, each reading its own R columns per adapter."""
 
     def __init__(self, A: torch.Tensor, members: int, rank: int):
         self.A = A
-        """[slots·M·R, in]: slot s, member m owns rows (s·M + m)·R .. (s·M + m)·R + R."""
+        """[adapters·M·R, in]: adapter i, member m owns rows (i·M + m)·R .. (i·M + m)·R + R."""
         self.members, self.rank = members, rank
-        self.slots = A.shape[0] // (members * rank)
+        self.adapters = A.shape[0] // (members * rank)
         self.At = [A[i : i + members * rank].t() for i in range(0, A.shape[0], members * rank)]
-        """Per slot, its [in, M·R] block of Aᵀ."""
+        """Per adapter, its [in, M·R] block of Aᵀ."""
         self.clear()
 
     def clear(self) -> None:
-        self._x, self._shares, self._rows_set, self._version, self._left = None, (), -1, -1, 0
+        self._x, self._shares, self._step, self._version, self._left = None, (), -1, -1, 0
 
-    def shares(self, x: torch.Tensor, x2: torch.Tensor, slot: int | None, rows_set: int, batch: int,
+    def holds_nothing(self) -> bool:
+        """Whether no input or product is kept (every member of the last step read its share)."""
+        return self._x is None
+
+    def shares(self, x: torch.Tensor, x2: torch.Tensor, index: int | None, step: int, batch: int,
                shrink=torch.mm) -> tuple:
-        """Each member's share of `x2·Aᵀ`: with one slot for every row, [rows, R] per member (the
-        product computed by `shrink`, a `SHRINKS` function); with mixed rows (slot None), [batch,
-        seq, slots, R] per member, every slot's columns. Computed
-        by the first member to see `x` in a step and kept until every member has had its share,
-        only for the same tensor, unchanged (its version), in the same step (`rows_set`, which
-        `LoraRouter.set_rows` counts): anything else recomputes."""
+        """Each member's share of `x2·Aᵀ`: with one adapter for every row (its index), [rows, R]
+        per member (the product computed by `shrink`, a `SHRINKS` function); with mixed rows
+        (index None), [batch, seq, adapters, R] per member, every adapter's columns. Computed by
+        the first member to see `x` in a step and kept until every member has had its share, only
+        for the same tensor, unchanged (its version), in the same step (`RowPlan.step`): anything
+        else recomputes."""
         version = -2 if x.is_inference() else x._version  # inference tensors keep no version counter
-        if not (self._x is x and self._version == version and self._rows_set == rows_set):
-            if slot is not None:
-                self._shares = shrink(x2, self.At[slot]).split(self.rank, dim=1)
+        if not (self._x is x and self._version == version and self._step == step):
+            if index is not None:
+                self._shares = shrink(x2, self.At[index]).split(self.rank, dim=1)
             else:
-                hidden = torch.mm(x2, self.A.t())  # [rows, slots·M·R]
-                self._shares = hidden.view(batch, -1, self.slots, self.members, self.rank).unbind(3)
-            self._x, self._version, self._rows_set, self._left = x, version, rows_set, self.members
+                hidden = torch.mm(x2, self.A.t())  # [rows, adapters·M·R]
+                self._shares = hidden.view(batch, -1, self.adapters, self.members, self.rank).unbind(3)
+            self._x, self._version, self._step, self._left = x, version, step, self.members
         shares = self._shares
         self._left -= 1
         if self._left == 0:  # every member has had its share: hold neither the input nor the product
@@ -157,84 +184,253 @@ class InputGroup:
         return shares
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerStacks:
-    """One adapted layer's resident adapters, and the per-slot views the one-adapter path uses."""
+    """One adapted layer's resident adapters, and the per-adapter views the single path uses."""
 
     A: torch.Tensor
-    """[slots·R, in]; slot s owns rows s·R .. s·R + r_s (the rest of its R rows are zero). In a
-    group: [slots, R, in], a view into the group's stack."""
+    """[adapters·R, in]; adapter i owns rows i·R .. i·R + r_i (the rest of its R rows are zero).
+    In a group: [adapters, R, in], a view into the group's stack."""
     Bt: torch.Tensor
-    """[slots·R, out]: B transposed, the same rows per slot."""
+    """[adapters·R, out]: B transposed, the same rows per adapter."""
     scale: tuple[float, ...]
-    """alpha/r per slot."""
+    """alpha/r per adapter."""
     scale_t: torch.Tensor
     """The same as a float32 tensor on the layer's device, for the kernels."""
-    At: list[torch.Tensor]
-    """Per slot, its [in, R] block of Aᵀ (a view)."""
-    Bts: list[torch.Tensor]
-    """Per slot, its [R, out] block of Bᵀ (a view)."""
+    At: tuple[torch.Tensor, ...]
+    """Per adapter, its [in, R] block of Aᵀ (a view)."""
+    Bts: tuple[torch.Tensor, ...]
+    """Per adapter, its [R, out] block of Bᵀ (a view)."""
     mask_id: int
-    """Which of the router's row masks fits this layer's scales (layers sharing scales share one)."""
+    """Which of the plan's row masks fits this layer's scales (layers sharing scales share one)."""
+    ranks: tuple[int, ...]
+    """Each adapter's own rank in this layer (0 where it does not adapt it)."""
     group: InputGroup | None = None
     """The siblings this layer shares its A stack and input product with; A is then a
-    [slots, R, in] view into the group's stack."""
+    [adapters, R, in] view into the group's stack."""
     member: int = 0
     """This layer's place in its group."""
-    ranks: tuple[int, ...] = ()
-    """Each slot's own rank in this layer (0 where its adapter does not adapt it)."""
 
 
-def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    # Runs once per adapted layer per decode step, so it reaches the base layer's forward and
-    # its own state through plain instance attributes (see LoraRouter._patch), and on the CPU
-    # does its work in one kernel call.
-    result = self._routed_base(x, *args, **kwargs)
-    router: LoraRouter = self._router
-    if router.single == BASE:
-        return result
-    stacks: LayerStacks = self._stacks
-    # The kernel declines (False) what it does not take: other dtypes, strided rows, autograd,
-    # and steps over `kernel_rows` rows (KERNEL_MAX_ROWS), where torch's blocked matrix products
-    # are faster.
-    if router.lora_add is not None and router.lora_add(result, x, stacks.A, stacks.Bt, router.item_slots,
-                                                       stacks.scale_t, router.rank, router.kernel_rows):
-        return result
-    if router.per_row:
-        return _add_per_row(router, stacks, x, result)
+@dataclass(frozen=True)
+class StackSet:
+    """Every adapted layer's stacks for one resident set, adapter i being `keys[i]`."""
+
+    keys: tuple[str, ...]
+    rank: int
+    """R: every adapter's rank, padded to the largest resident one."""
+    device: torch.device
+    """Where the stacks live (the masks must match)."""
+    dtype: torch.dtype
+    scale_vectors: tuple[tuple[float, ...], ...]
+    """The distinct per-adapter scale vectors among the layers (`LayerStacks.mask_id` indexes it)."""
+    layers: tuple[tuple[LoraLayer, LayerStacks], ...]
+    input_groups: tuple[InputGroup, ...] = ()
+
+    def columns(self) -> int:
+        """The width of a mixed step's hidden tensor: every adapter's R columns."""
+        return len(self.keys) * self.rank
+
+
+def stack_adapters(layers: list[LoraLayer], keys: list[str], dtype: torch.dtype | None,
+                   siblings: list[list[LoraLayer]] = ()) -> StackSet:
+    """Stack the adapters `keys` (index i = keys[i]) of every layer into new tensors in `dtype`
+    (None: the adapters' own), siblings sharing one A stack per group. Reads the weights only."""
+    rank = max([layer.r[k] for layer in layers for k in keys if k in layer.lora_A], default=1)
+    device, dtype = _placement(layers, keys, dtype)
+    place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
+    groups = []
+    for members in siblings:
+        base = members[0].get_base_layer()
+        A = torch.zeros(len(keys) * len(members) * rank, base.in_features, dtype=dtype, device=base.weight.device)
+        groups.append(InputGroup(A, len(members), rank))
+        place.update({id(layer): (groups[-1], m) for m, layer in enumerate(members)})
+    scale_vectors: list[tuple[float, ...]] = []
+    stacked = []
+    for layer in layers:
+        stacks = _stack_layer(layer, keys, rank, dtype, scale_vectors, *place.get(id(layer), (None, 0)))
+        stacked.append((layer, stacks))
+    return StackSet(tuple(keys), rank, device, dtype, tuple(scale_vectors), tuple(stacked), tuple(groups))
+
+
+def _placement(layers: list[LoraLayer], keys: list[str], dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The masks' device (the adapters') and the stacks' dtype: the one asked for, or the adapters' own."""
+    ref = next((layer.lora_A[k].weight for layer in layers for k in keys if k in layer.lora_A), None)
+    if ref is None:
+        return torch.device("cpu"), dtype or torch.float32
+    return ref.device, dtype or ref.dtype
+
+
+def _stack_layer(layer: LoraLayer, keys: list[str], R: int, dtype: torch.dtype, scale_vectors: list,
+                 group: InputGroup | None, member: int) -> LayerStacks:
+    """One layer's stacks (its A in its group's stack, if it has a group); records its scale vector."""
+    base = layer.get_base_layer()
+    n = len(keys)
+    device = base.weight.device  # the layer's own: a model split across devices keeps each layer's stacks beside it
+    if group is None:
+        A = torch.zeros(n * R, base.in_features, dtype=dtype, device=device)
+        starts = [i * R for i in range(n)]
+    else:  # adapter i's block for this member: rows (i·M + member)·R of the group's stack
+        A = group.A.view(n, group.members, R, base.in_features)[:, member]  # [adapters, R, in]
+        starts = [(i * group.members + member) * R for i in range(n)]
+    A_rows = A if group is None else group.A  # [rows, in] either way; `starts` index it
+    Bt = torch.zeros(n * R, base.out_features, dtype=dtype, device=device)
+    scale, ranks = [0.0] * n, [0] * n
+    for i, key in enumerate(keys):
+        if key in layer.lora_A:
+            r, start = layer.r[key], starts[i]
+            ranks[i] = r
+            A_rows[start : start + r] = layer.lora_A[key].weight.detach()
+            Bt[i * R : i * R + r] = layer.lora_B[key].weight.detach().t()
+            scale[i] = float(layer.scaling[key])
+    scale = tuple(scale)
+    if scale not in scale_vectors:
+        scale_vectors.append(scale)
+    return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32, device=device),
+                       tuple(A_rows[i : i + R].t() for i in starts), tuple(Bt[i * R : i * R + R] for i in range(n)),
+                       scale_vectors.index(scale), tuple(ranks), group, member)
+
+
+def share_storage(stack_set: StackSet) -> None:
+    """Point peft's own A and B of every stacked adapter at its rows of the stacks.
+
+    Afterwards each adapter's weights exist once, in the compute dtype (peft loads them in
+    float32): the stacks are what the routed forward reads, and the views keep peft's state dict
+    (eviction to host memory) working on the same storage.
+    """
+    for layer, stacks in stack_set.layers:
+        for i, key in enumerate(stack_set.keys):
+            r = stacks.ranks[i]
+            if r:
+                layer.lora_A[key].weight.data = stacks.At[i][:, :r].t()
+                layer.lora_B[key].weight.data = stacks.Bts[i][:r].t()
+
+
+def row_mask(indices: tuple[int, ...], scale: tuple[float, ...], rank: int, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+    """[items, 1, adapters·R]: item j keeps its own adapter's R columns, times that adapter's alpha/r."""
+    n = len(scale)
+    columns = torch.zeros(len(indices), n + 1, dtype=torch.float32)  # the last column: the base
+    own = [n if i == BASE else i for i in indices]
+    columns[torch.arange(len(indices)), torch.tensor(own)] = torch.tensor([*scale, 0.0])[own]
+    mask = columns[:, :n].repeat_interleave(rank, dim=1).unsqueeze(1)
+    return mask.to(device=device, dtype=dtype)
+
+
+def use_groups(device: torch.device, rows: int, columns: int) -> bool:
+    """Whether a mixed step of `rows` rows computes each adapter's rows apart (the grouped path)
+    rather than every adapter for every row (masked): on the CPU past KERNEL_MAX_ROWS rows, where
+    the arithmetic dominates; on a GPU only past GPU_MASKED_MAX_ELEMENTS."""
+    if device.type == "cpu":
+        return rows > KERNEL_MAX_ROWS
+    return rows * columns > GPU_MASKED_MAX_ELEMENTS
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What one forward computes, fixed when its rows are set: every adapted layer reads it."""
+
+    indices: tuple[int, ...]
+    """Per batch item, its adapter's index in the stacks (BASE: the base alone)."""
+    stacks: StackSet
+    step: int
+    """Counts the router's plans: an input group's shared product is valid within one plan only."""
+    shrink: Callable = torch.mm
+    """The single path's `SHRINKS` function for this step."""
+    per_row: bool = False
+    """Every item's delta from its own products alone (the deterministic mode)."""
+    item_indices: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
+    """The kernel's view of the items: an index per item, or one index for all when they agree."""
+    preset_masks: tuple[torch.Tensor, ...] | None = None
+    """The masks already written into the router's fixed buffers (`LoraRouter.fix_masks`)."""
+
+    @functools.cached_property
+    def single(self) -> int | None:
+        """The one index every item uses (BASE: the base), or None when they mix."""
+        return self.indices[0] if len(set(self.indices)) == 1 else None
+
+    @functools.cached_property
+    def masks(self) -> tuple[torch.Tensor, ...]:
+        """Per distinct scale vector, the masked path's [items, 1, adapters·R] mask; made on the
+        first layer that needs it (the kernel does not)."""
+        if self.preset_masks is not None:
+            return self.preset_masks
+        s = self.stacks
+        return tuple(row_mask(self.indices, scale, s.rank, s.device, s.dtype) for scale in s.scale_vectors)
+
+    @functools.cached_property
+    def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
+        """(index, the batch items that use it) for every adapter in the rows."""
+        by_index: dict[int, list[int]] = {}
+        for item, index in enumerate(self.indices):
+            if index != BASE:
+                by_index.setdefault(index, []).append(item)
+        return tuple((index, torch.tensor(items, device=self.stacks.device)) for index, items in by_index.items())
+
+    def signature(self) -> tuple:
+        """What the step computes beyond the rows' values: the base alone, one adapter's own
+        blocks (which index), the masked mix, or, per row, the items' indices themselves (the
+        per_row path loops over them on the host, so a captured step holds them). A captured
+        step replays one of these."""
+        if self.single == BASE:
+            return ("base",)
+        if self.single is not None:
+            return ("single", self.single)
+        return ("per_row", self.indices) if self.per_row else ("mixed",)
+
+
+def torch_path(plan: RowPlan, rows: int) -> Path:
+    """The torch path a layer takes for `rows` input rows under `plan` (after the kernel, if any, declined)."""
+    if plan.single == BASE:
+        return Path.BASE
+    if plan.per_row:
+        return Path.PER_ROW
+    if plan.single is not None:
+        return Path.SINGLE
+    if use_groups(plan.stacks.device, rows, plan.stacks.columns()):
+        return Path.GROUPED
+    return Path.MASKED
+
+
+def _as_rows(x: torch.Tensor, stacks: LayerStacks) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != stacks.A.dtype:
-        x2 = x2.to(stacks.A.dtype)
-    slot = router.single
-    if slot is not None:  # one adapter for every row: its own blocks, no mask
-        if stacks.group is not None:  # [rows, R]: this member's columns of the group's product
-            hidden = stacks.group.shares(x, x2, slot, router.rows_set, 0, router.shrink_product)[stacks.member]
-        else:
-            hidden = router.shrink_product(x2, stacks.At[slot])
-        return _add_product(result, hidden, stacks.Bts[slot], stacks.scale[slot])
-    if router.use_groups(x2.shape[0]):  # a long mixed prefill: each adapter's own rows only
-        return _add_grouped(router, stacks, x.to(x2.dtype), result)
-    mask = router.mask(stacks.mask_id)  # [batch, 1, slots·R]
+    return x2 if x2.dtype == stacks.A.dtype else x2.to(stacks.A.dtype)
+
+
+def _add_single(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """One adapter for every row: its own blocks, no mask."""
+    x2, index = _as_rows(x, stacks), plan.single
+    if stacks.group is not None:  # [rows, R]: this member's columns of the group's product
+        hidden = stacks.group.shares(x, x2, index, plan.step, 0, plan.shrink)[stacks.member]
+    else:
+        hidden = plan.shrink(x2, stacks.At[index])
+    return _add_product(result, hidden, stacks.Bts[index], stacks.scale[index])
+
+
+def _add_masked(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Every adapter's product for every row, each row keeping its own adapter's columns: fewest ops."""
+    x2 = _as_rows(x, stacks)
+    mask = plan.masks[stacks.mask_id]  # [batch, 1, adapters·R]
     if stacks.group is not None:
-        own = stacks.group.shares(x, x2, None, router.rows_set, mask.shape[0])[stacks.member]  # [batch, seq, slots, R]
+        own = stacks.group.shares(x, x2, None, plan.step, mask.shape[0])[stacks.member]  # [batch, seq, adapters, R]
         hidden = (own * mask.view(own.shape[0], 1, own.shape[2], own.shape[3])).view(x2.shape[0], -1)
     else:
-        hidden = torch.mm(x2, stacks.A.t())  # short steps: every slot at once, fewest ops
+        hidden = torch.mm(x2, stacks.A.t())
         hidden.view(mask.shape[0], -1, hidden.shape[-1]).mul_(mask)
     return _add_product(result, hidden, stacks.Bt, 1.0)
 
 
-def _add_per_row(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+def _add_per_row(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """Each batch item's delta from products of that item alone, at its adapter's own rank: what
     a row gets depends on nothing else in the batch or among the resident adapters."""
     in_place = result.dtype == stacks.A.dtype and not torch.is_grad_enabled()
-    for item, slot in enumerate(router.row_slots()):
-        rank = stacks.ranks[slot] if slot != BASE else 0
+    for item, index in enumerate(plan.indices):
+        rank = stacks.ranks[index] if index != BASE else 0
         if rank == 0:
             continue
         rows = x[item].reshape(-1, x.shape[-1]).to(stacks.A.dtype)  # [seq, in]
-        delta = torch.mm(torch.mm(rows, stacks.At[slot][:, :rank]), stacks.Bts[slot][:rank])  # [seq, out]
-        delta = delta.mul_(stacks.scale[slot]).view_as(result[item])
+        delta = torch.mm(torch.mm(rows, stacks.At[index][:, :rank]), stacks.Bts[index][:rank])  # [seq, out]
+        delta = delta.mul_(stacks.scale[index]).view_as(result[item])
         if in_place:
             result[item].add_(delta)
         else:
@@ -242,17 +438,22 @@ def _add_per_row(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, res
     return result
 
 
-def _add_grouped(router: "LoraRouter", stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+def _add_grouped(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """For each adapter in the batch, the delta of its own batch items ([batch, ...] on dim 0):
-    a few ops per adapter instead of every slot's product for every row."""
+    a few ops per adapter instead of every adapter's product for every row."""
+    x = x.to(stacks.A.dtype)
     in_place = result.dtype == x.dtype and not torch.is_grad_enabled()
-    for slot, items in router.groups():
-        hidden = torch.matmul(x.index_select(0, items), stacks.At[slot])
-        delta = torch.matmul(hidden, stacks.Bts[slot]).to(result.dtype)
+    for index, items in plan.groups:
+        hidden = torch.matmul(x.index_select(0, items), stacks.At[index])
+        delta = torch.matmul(hidden, stacks.Bts[index]).to(result.dtype)
         if in_place:
-            result.index_add_(0, items, delta, alpha=stacks.scale[slot])
+            result.index_add_(0, items, delta, alpha=stacks.scale[index])
         else:
-            result = result.index_add(0, items, delta, alpha=stacks.scale[slot])
+            result = result.index_add(0, items, delta, alpha=stacks.scale[index])
+    return result
+
+
+def _add_nothing(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return result
 
 
@@ -265,60 +466,70 @@ def _add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     return result
 
 
+PATHS: dict[Path, Callable[[RowPlan, LayerStacks, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    Path.BASE: _add_nothing, Path.SINGLE: _add_single, Path.MASKED: _add_masked,
+    Path.GROUPED: _add_grouped, Path.PER_ROW: _add_per_row,
+}
+"""The torch paths' functions: (plan, the layer's stacks, its input, the base's output) -> output."""
+
+
+def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # Runs once per adapted layer per decode step, so it reaches the base layer's forward and
+    # its own stacks through plain instance attributes (see LoraRouter._patch), and on the CPU
+    # does its work in one kernel call.
+    result = self._routed_base(x, *args, **kwargs)
+    router: LoraRouter = self._router
+    plan = router.plan
+    if plan.single == BASE:
+        return result
+    stacks: LayerStacks = self._stacks
+    # The kernel declines (False) what it does not take: other dtypes, strided rows, autograd,
+    # and steps over `kernel_rows` rows (KERNEL_MAX_ROWS), where torch's blocked matrix products
+    # are faster.
+    if router.lora_add is not None and router.lora_add(result, x, stacks.A, stacks.Bt, plan.item_indices,
+                                                       stacks.scale_t, plan.stacks.rank, router.kernel_rows):
+        return result
+    return PATHS[torch_path(plan, x.numel() // x.shape[-1])](plan, stacks, x, result)
+
+
 class LoraRouter:
+    """Routes a peft model's adapted layers by a `RowPlan` over one `StackSet`: the settings
+    below, the current stacks and plan, and the fixed mask buffers captured CUDA graphs read."""
+
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, group_inputs: bool | None = None,
                  kernel: str = "auto", shrink: str = "auto", per_row: bool = False):
         self.check_kernel(kernel)
-        self.per_row = per_row
-        """Compute every row's delta from that row alone (the fused kernel where it applies, else
-        `_add_per_row`), never a product whose shape depends on the other rows: the
-        deterministic mode's routing."""
         if shrink not in SHRINK_CHOICES:
             raise ValueError(f"LoRA shrink {shrink!r}: expected one of {', '.join(SHRINK_CHOICES)}")
         self.model = model
+        self.dtype = dtype
+        """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
         self.kernel = kernel
         """Which fused kernel adds the delta where it can (`KERNELS`)."""
         self.shrink = shrink
-        """How the torch path's one-adapter steps compute a row's `x·Aᵀ` (`SHRINK_CHOICES`)."""
-        self._shrink_products: tuple = (None, None)
-        """The `SHRINKS` functions for steps launched from Python and for replayed ones: set by
-        each rebuild (so a new `shrink` takes effect at the next)."""
-        self.shrink_product = None
-        """The one the current rows use (`set_rows`)."""
-        self.dtype = dtype
-        """The stacks' dtype (the base's compute dtype); None keeps the adapters' own."""
+        """How the single path computes a row's `x·Aᵀ` (`SHRINK_CHOICES`); a new one takes effect at the next rebuild."""
         self.group_inputs = group_inputs
         """Share one A stack and input product among `PACKED_INPUTS` siblings (`InputGroup`). None:
         wherever the fused CPU kernel is not used (it reads each layer's own contiguous stack, and
         does a layer's work in one call anyway)."""
-        self._input_groups: list[InputGroup] = []
-        self.rows_set = 0
-        """Counts `set_rows` calls: an input group's product is kept within one set of rows only."""
-        self.keys: list[str] = []
-        self.rank = 1
-        """R: every slot's rank, padded to the largest resident one."""
-        self.single: int | None = BASE
-        """The one slot every row uses, when they all use the same (BASE: the base alone)."""
-        self.item_slots = torch.zeros(1, dtype=torch.long)
-        """The kernel's view of the rows: a slot per batch item (-1: the base), or one slot for all."""
-        self._slots: list[int] = []
-        self._groups: list[tuple[int, torch.Tensor]] | None = None
-        self._masks: list[torch.Tensor] | None = None
-        """Per distinct scale vector, [batch, 1, slots·R]: each row's own slot's columns times its
-        alpha/r; made on the first forward of a step that needs them (the kernel does not)."""
+        self.per_row = per_row
+        """Plans compute every row's delta from that row alone (the kernel where it applies, else
+        the per_row path), never a product whose shape depends on the other rows: the
+        deterministic mode's routing."""
+        self.stacks = stack_adapters([], [], dtype)
+        self.plan = RowPlan((BASE,), self.stacks, 0)
         self.lora_add = None
         """The fused kernel's entry point (`kernel`), where one applies; it declines what it does not take.
         Each rebuild sets it; between rebuilds a comparison may set another with the same contract (bench/)."""
         self.kernel_rows = 0
         """The most rows a step may have for `lora_add` to be tried."""
-        self._scale_vectors: list[tuple[float, ...]] = []
-        self._device, self._dtype = torch.device("cpu"), torch.float32
-        """Where and in what dtype the stacks live (the masks must match)."""
         self.version = 0
         """Counts rebuilds: a captured CUDA graph holds the stacks' addresses of the version it saw."""
+        self._shrinks: tuple[Callable, Callable] = (torch.mm, torch.mm)
+        """The `SHRINKS` functions for steps launched from Python and for replayed ones."""
         self._fixed_rows = 0
         self._fixed: list[torch.Tensor] = []
-        """With `fix_masks`: per scale vector, a [rows, 1, slots·R] buffer the row masks are written into."""
+        """With `fix_masks`: per scale vector, a [rows, 1, adapters·R] buffer the row masks are written into."""
 
     @staticmethod
     def check_kernel(kernel: str) -> None:
@@ -326,40 +537,41 @@ class LoraRouter:
         if kernel not in KERNELS:
             raise ValueError(f"LoRA kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The resident adapters' keys, in index order."""
+        return self.stacks.keys
+
+    @property
+    def rank(self) -> int:
+        return self.stacks.rank
+
     def layers(self) -> list[LoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
 
     def rebuild(self, keys: list[str]) -> None:
-        """Stack the weights of `keys` (slot i = keys[i]) in every adapted layer; patch new layers."""
-        self.keys = list(keys)
+        """Stack the weights of `keys` (index i = keys[i]) in every adapted layer; patch new layers."""
         layers = self.layers()
-        self.rank = max([layer.r[k] for layer in layers for k in self.keys if k in layer.lora_A], default=1)
-        self._scale_vectors = []
-        self._device, self._dtype = self._placement(layers)
-        self._shrink_products = tuple(SHRINKS[name] for name in self.shrink_names())
-        self.shrink_product = self._shrink_products[0]
-        grouping = self._pick_kernel()
-        place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
-        self._input_groups = []
-        for members in self._sibling_layers() if grouping else []:
-            group = self._group_stack(members)
-            self._input_groups.append(group)
-            place.update({id(layer): (group, m) for m, layer in enumerate(members)})
-        for layer in layers:
+        device, dtype = _placement(layers, list(keys), self.dtype)
+        grouping = self._pick_kernel(device, dtype)
+        self.stacks = stack_adapters(layers, list(keys), self.dtype, self._sibling_layers() if grouping else [])
+        share_storage(self.stacks)
+        for layer, stacks in self.stacks.layers:
             if not hasattr(layer, "_router"):
                 self._patch(layer)
-            layer._stacks = self._stack(layer, *place.get(id(layer), (None, 0)))
-        self.single, self._slots, self._masks, self._groups = BASE, [], None, None
+            layer._stacks = stacks
+        self._shrinks = tuple(SHRINKS[name] for name in self.shrink_names())
+        self.plan = RowPlan((BASE,), self.stacks, self.plan.step + 1, self._shrinks[0], self.per_row)
         self._allocate_fixed()
 
     def shrink_names(self) -> tuple[str, str]:
-        """(eager, replayed) steps' shrinks, for stacks on `_device`."""
-        return auto_shrinks(self._device) if self.shrink == "auto" else (self.shrink, self.shrink)
+        """(eager, replayed) steps' shrinks, for the current stacks' device."""
+        return auto_shrinks(self.stacks.device) if self.shrink == "auto" else (self.shrink, self.shrink)
 
-    def _pick_kernel(self) -> bool:
-        """Set `lora_add` and `kernel_rows` for the stacks about to be built (on `_device`, in
-        `_dtype`); returns whether `PACKED_INPUTS` siblings are to share one A stack."""
-        on_cpu_fp32 = self._device.type == "cpu" and self._dtype == torch.float32
+    def _pick_kernel(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Set `lora_add` and `kernel_rows` for stacks on `device` in `dtype`; returns whether
+        `PACKED_INPUTS` siblings are to share one A stack."""
+        on_cpu_fp32 = device.type == "cpu" and dtype == torch.float32
         cpu_kernel = kernels.load() if self.kernel == "auto" and on_cpu_fp32 else None
         grouping = self.group_inputs if self.group_inputs is not None else cpu_kernel is None
         if cpu_kernel is not None and not grouping:  # it reads each layer's own contiguous stack only
@@ -371,30 +583,20 @@ class LoraRouter:
     def fix_masks(self, rows: int) -> None:
         """Write row masks into fixed buffers of up to `rows` rows from now on, made when the rows
         are set: a captured step then reads the next rows' masks from the addresses it recorded.
-        (Off by default: the masks are otherwise made on a step's first mixed layer, if one needs them.)"""
+        (Off by default: the masks are otherwise made on a step's first masked layer, if one needs them.)"""
         if rows != self._fixed_rows:
             self._fixed_rows = rows
             self._allocate_fixed()
 
     def _allocate_fixed(self) -> None:
-        shape = (self._fixed_rows, 1, len(self.keys) * self.rank)
-        self._fixed = [torch.zeros(shape, dtype=self._dtype, device=self._device)
-                       for _ in self._scale_vectors] if self._fixed_rows else []
+        shape = (self._fixed_rows, 1, self.stacks.columns())
+        self._fixed = [torch.zeros(shape, dtype=self.stacks.dtype, device=self.stacks.device)
+                       for _ in self.stacks.scale_vectors] if self._fixed_rows else []
         self.version += 1
 
     def signature(self) -> tuple:
-        """What a step computes for the current rows beyond their values: the base alone, one
-        adapter's own blocks (which slot), or the masked mix. A captured step replays one of these."""
-        if self.single == BASE:
-            return ("base",)
-        return ("mixed",) if self.single is None else ("single", self.single)
-
-    def _placement(self, layers: list[LoraLayer]) -> tuple[torch.device, torch.dtype]:
-        """The masks' device (the adapters') and the stacks' dtype: the compute dtype, or the adapters' own."""
-        ref = next((layer.lora_A[k].weight for layer in layers for k in self.keys if k in layer.lora_A), None)
-        if ref is None:
-            return torch.device("cpu"), self.dtype or torch.float32
-        return ref.device, self.dtype or ref.dtype
+        """The current plan's `RowPlan.signature`."""
+        return self.plan.signature()
 
     def _patch(self, layer: LoraLayer) -> None:
         """Route this layer's forward through the stacks.
@@ -427,97 +629,27 @@ class LoraRouter:
                     found.append(members)
         return found
 
-    def _group_stack(self, members: list[LoraLayer]) -> InputGroup:
-        base = members[0].get_base_layer()
-        rows = len(self.keys) * len(members) * self.rank
-        A = torch.zeros(rows, base.in_features, dtype=self._dtype, device=base.weight.device)
-        return InputGroup(A, len(members), self.rank)
-
-    def _stack(self, layer: LoraLayer, group: InputGroup | None = None, member: int = 0) -> LayerStacks:
-        """Stack the resident adapters of one layer (its A in its group's stack, if it has a group),
-        then point peft's own A and B at the stacks.
-
-        Afterwards each adapter's weights exist once, in the compute dtype (peft loads them in
-        float32): the stacks are what the routed forward reads, and the views keep peft's state
-        dict (eviction to host memory) working on the same storage.
-        """
-        base = layer.get_base_layer()
-        R, slots = self.rank, len(self.keys)
-        device = base.weight.device  # the layer's own: a model split across devices keeps each layer's stacks beside it
-        if group is None:
-            A = torch.zeros(slots * R, base.in_features, dtype=self._dtype, device=device)
-            starts = [slot * R for slot in range(slots)]
-        else:  # slot s's block for this member: rows (s·M + member)·R of the group's stack
-            A = group.A.view(slots, group.members, R, base.in_features)[:, member]  # [slots, R, in]
-            starts = [(slot * group.members + member) * R for slot in range(slots)]
-        A_rows = A if group is None else group.A  # [rows, in] either way; `starts` index it
-        Bt = torch.zeros(slots * R, base.out_features, dtype=self._dtype, device=device)
-        scale, ranks = [0.0] * slots, [0] * slots
-        for slot, key in enumerate(self.keys):
-            if key in layer.lora_A:
-                r, start = layer.r[key], starts[slot]
-                ranks[slot] = r
-                A_rows[start : start + r] = layer.lora_A[key].weight.detach()
-                Bt[slot * R : slot * R + r] = layer.lora_B[key].weight.detach().t()
-                layer.lora_A[key].weight.data = A_rows[start : start + r]
-                layer.lora_B[key].weight.data = Bt[slot * R : slot * R + r].t()
-                scale[slot] = float(layer.scaling[key])
-        scale = tuple(scale)
-        if scale not in self._scale_vectors:
-            self._scale_vectors.append(scale)
-        return LayerStacks(A, Bt, scale, torch.tensor(scale, dtype=torch.float32, device=device),
-                           [A_rows[i : i + R].t() for i in starts], [Bt[i * R : i * R + R] for i in range(slots)],
-                           self._scale_vectors.index(scale), group, member, tuple(ranks))
-
-    def set_rows(self, keys: list[str | None], replayed: bool = False) -> None:
-        """One adapter key per row of the next forward; None routes the row to the base.
+    def set_rows(self, keys: list[str | None], replayed: bool = False) -> RowPlan:
+        """Plan the next forward: one adapter key per batch item, None routing it to the base.
         replayed: the forward is captured as a CUDA graph to be replayed, or is the run before
         such a capture (it must compute the same way), which may pick another shrink."""
-        self.shrink_product = self._shrink_products[replayed]
-        slot = {key: i for i, key in enumerate(self.keys)}
-        slots = [BASE if key is None else slot[key] for key in keys]
-        self._slots, self._masks, self._groups = slots, None, None
-        self.rows_set += 1  # input groups recompute their products for the new rows
-        self.single = slots[0] if len(set(slots)) == 1 else None
-        self.item_slots = torch.tensor(slots if self.single is None else slots[:1])  # one item: every row
-        if self._fixed and self.single is None and len(slots) <= self._fixed_rows:  # more: made as usual
-            for fixed, scale in zip(self._fixed, self._scale_vectors):
-                fixed[: len(slots)].copy_(self._make_mask(scale))
-            self._masks = [fixed[: len(slots)] for fixed in self._fixed]
+        index = {key: i for i, key in enumerate(self.stacks.keys)}
+        indices = tuple(BASE if key is None else index[key] for key in keys)
+        mixed = len(set(indices)) != 1
+        preset = None
+        if self._fixed and mixed and len(indices) <= self._fixed_rows:  # more: made as usual
+            s = self.stacks
+            for fixed, scale in zip(self._fixed, s.scale_vectors):
+                fixed[: len(indices)].copy_(row_mask(indices, scale, s.rank, s.device, s.dtype))
+            preset = tuple(fixed[: len(indices)] for fixed in self._fixed)
+        item_indices = torch.tensor(indices if mixed else indices[:1])  # one item: every row
+        self.plan = RowPlan(indices, self.stacks, self.plan.step + 1, self._shrinks[replayed], self.per_row,
+                            item_indices, preset)
+        return self.plan
 
-    def row_slots(self) -> list[int]:
-        """The current rows' slots, one per batch item (BASE: the base alone)."""
-        return self._slots
-
-    def use_groups(self, rows: int) -> bool:
-        """Whether a mixed step of `rows` rows computes each adapter's rows apart (`_add_grouped`)
-        rather than every slot for every row: on the CPU past KERNEL_MAX_ROWS rows, where the
-        arithmetic dominates; on a GPU only past GPU_MASKED_MAX_ELEMENTS."""
-        if self._device.type == "cpu":
-            return rows > KERNEL_MAX_ROWS
-        return rows * len(self.keys) * self.rank > GPU_MASKED_MAX_ELEMENTS
-
-    def groups(self) -> list[tuple[int, torch.Tensor]]:
-        """(slot, the batch items that use it) for every adapter in the current rows."""
-        if self._groups is None:
-            by_slot: dict[int, list[int]] = {}
-            for item, slot in enumerate(self._slots):
-                if slot != BASE:
-                    by_slot.setdefault(slot, []).append(item)
-            self._groups = [(slot, torch.tensor(items, device=self._device)) for slot, items in by_slot.items()]
-        return self._groups
-
-    def mask(self, mask_id: int) -> torch.Tensor:
-        """The current rows' mask for layers whose scales are the `mask_id`th distinct vector."""
-        if self._masks is None:
-            self._masks = [self._make_mask(scale) for scale in self._scale_vectors]
-        return self._masks[mask_id]
-
-    def _make_mask(self, scale: tuple[float, ...]) -> torch.Tensor:
-        """[rows, 1, slots·R]: row i keeps its own slot's R columns, times that slot's alpha/r."""
-        slots = self._slots
-        columns = torch.zeros(len(slots), len(self.keys) + 1, dtype=torch.float32)  # the last column: the base
-        own = [len(self.keys) if s == BASE else s for s in slots]
-        columns[torch.arange(len(slots)), torch.tensor(own)] = torch.tensor([*scale, 0.0])[own]
-        mask = columns[:, : len(self.keys)].repeat_interleave(self.rank, dim=1).unsqueeze(1)
-        return mask.to(device=self._device, dtype=self._dtype)
+    def path_for(self, rows: int) -> Path:
+        """The path the current plan takes in a layer given `rows` input rows: the kernel where
+        it is set and would take them (it may still decline a tensor), else a torch path."""
+        if self.plan.single != BASE and self.lora_add is not None and rows <= self.kernel_rows:
+            return Path.KERNEL
+        return torch_path(self.plan, rows)

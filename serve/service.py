@@ -38,6 +38,8 @@ class ServiceConfig:
     adapters: str | None = opt(None, "Adapter store (default: $ADAPTERS_DIR or adapters/store).")
     quantize: bool = opt(True, "Load the base in 4-bit NF4 with double quantization (QLoRA); --no-quantize "
                                "(or --no-quant) loads it unquantized.", aliases=("--no-quant",))
+    trust_remote_code: bool = opt(False, "Run the Python code a base folder brings with it (config.json's "
+                                         "auto_map); refused otherwise. Read that code first.")
     max_loaded: int = opt(8, "Adapters resident on the device at once; the least recently used beyond it go to host "
                              "memory.", range=AT_LEAST_ONE)
     max_queue: int = opt(32, "Requests waiting or running at once; more get 'busy' (BusyError).", range=AT_LEAST_ONE)
@@ -100,7 +102,7 @@ class Service:
     @classmethod
     def start(cls, config: ServiceConfig) -> "Service":
         """Load the base once, register the store's adapters and keep watching it."""
-        base = load_base(BaseConfig(config.base, quantize=config.quantize))
+        base = load_base(BaseConfig(config.base, quantize=config.quantize, trust_remote_code=config.trust_remote_code))
         registry = AdapterRegistry(AdapterStore(config.adapters), BaseShape.of(base.model, base.fingerprint))
         registry.refresh()
         registry.watch(config.watch_s)

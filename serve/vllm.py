@@ -48,6 +48,8 @@ def vllm_problems(entry: AdapterEntry) -> list[str]:
         problems.append("DoRA adapters are not supported by vLLM")
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save {config['modules_to_save']} (fully trained layers) are not supported by vLLM")
+    if config.get("trainable_token_indices"):
+        problems.append("trained token rows (trainable_token_indices) are not supported by vLLM")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r}: vLLM loads LoRA A/B only")
     if config.get("rank_pattern") or config.get("alpha_pattern"):

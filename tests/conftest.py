@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
+import platform
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,8 @@ from serve.registry import AdapterRegistry
 from serve.slots import DecodeSettings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_tiny_base(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
@@ -191,5 +197,45 @@ def start_service(base: Path, store: AdapterStore, max_queue: int = 32, reports:
 
 
 @pytest.fixture(scope="session")
-def two_adapters(tiny_base, tmp_path_factory) -> AdapterStore:
-    return train_two_adapters(tiny_base, tmp_path_factory.mktemp("two-adapters"))
+def two_adapters(tiny_base, tmp_path_factory, pytestconfig) -> AdapterStore:
+    """Trained once per machine and code: the store is a pure function of the code that builds
+    the tiny base and trains (their sources are in the key), the library versions and the CPU,
+    so a later session copies it rather than spending half a minute retraining it."""
+    root = tmp_path_factory.mktemp("two-adapters")
+    cache = fixture_cache(pytestconfig, "two-adapters", TRAINING_SOURCES)
+    if cache is not None and (cache / "root").is_dir():  # the store and, beside it, each task's data
+        shutil.copytree(cache / "root", root, dirs_exist_ok=True)
+        return AdapterStore(root / "store")
+    store = train_two_adapters(tiny_base, root)
+    if cache is not None:
+        shutil.copytree(root, cache / "root.partial")
+        (cache / "root.partial").rename(cache / "root")  # a session killed mid-copy leaves no half copy
+    return store
+
+
+TRAINING_SOURCES = ("adapters", "train", "demo", "tests/conftest.py")
+"""What the trained fixtures depend on beyond the libraries: the tiny base's builder and tokenizer
+trainer (demo/), the trainer and the contract it saves by."""
+
+
+def fixture_cache(pytestconfig, name: str, sources: tuple[str, ...]) -> Path | None:
+    """A folder under pytest's cache for a fixture built from `sources`, keyed by their contents,
+    the libraries' versions and the CPU's flags; None with LORASWAP_FIXTURE_CACHE=0 (CI's fresh
+    clone starts with an empty cache either way)."""
+    if os.environ.get("LORASWAP_FIXTURE_CACHE", "1") == "0":
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(f for s in sources for f in ([REPO / s] if (REPO / s).is_file() else (REPO / s).rglob("*.py"))):
+        digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "tokenizers"):
+        digest.update(f"{package}={importlib.metadata.version(package)}".encode())
+    digest.update(cpu_flags().encode())
+    return Path(pytestconfig.cache.mkdir(f"loraswap-{name}-{digest.hexdigest()[:16]}"))
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags: kernels round differently on CPUs with and without AVX512-BF16/AMX."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()

@@ -165,8 +165,11 @@ def build_config(family: Family, tokenizer):
     return config
 
 
-def build_family(name: str, folder: Path, seed: int = 0) -> Path:
-    """Write the family's tiny model, tokenizer and generation config into `folder`."""
+def build_family(name: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 max_shard_size: str | None = None) -> Path:
+    """Write the family's tiny model, tokenizer and generation config into `folder`: the weights
+    stored in `dtype` (as checkpoints ship bf16), in shards of at most `max_shard_size` with their
+    index (`model.safetensors.index.json`) when given."""
     from transformers import AutoModelForCausalLM
 
     family = FAMILIES[name]
@@ -177,6 +180,6 @@ def build_family(name: str, folder: Path, seed: int = 0) -> Path:
     config.architectures = [type(model).__name__]
     if family.generation_eos:
         model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in family.generation_eos]
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(folder)
     return Path(folder)

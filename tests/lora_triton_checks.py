@@ -27,13 +27,13 @@ pytestmark = pytest.mark.skipif(not lora_triton.available() or (DEVICE == "cuda"
                                 reason="needs triton, and a GPU or TRITON_INTERPRET=1 set before triton is imported")
 
 
-def reference(result, x, A_rows, Bt, item_slots, scales, rank):
+def reference(result, x, A_rows, Bt, item_indices, scales, rank):
     """float64: result[m] + scale_s·(x[m]·A_sᵀ)·Bt_s, A_rows(s) giving slot s's [R, in] block."""
     out = result.double().clone().view(-1, result.shape[-1])
     x2 = x.double().reshape(-1, x.shape[-1])
-    per_item = x2.shape[0] // item_slots.numel()
+    per_item = x2.shape[0] // item_indices.numel()
     for m in range(x2.shape[0]):
-        s = int(item_slots[m // per_item])
+        s = int(item_indices[m // per_item])
         if s >= 0:
             h = x2[m] @ A_rows(s).double().t() * float(scales[s])
             out[m] += h @ Bt[s * rank : (s + 1) * rank].double()
@@ -72,19 +72,19 @@ CONFIGS = {"default": lora_triton.DEFAULT,  # one partial step of x·Aᵀ here
 @pytest.mark.parametrize("case", CASES)
 def test_matches_float64_reference(case, dtype, tolerance, config):
     # rank 6 pads to 8 lanes; widths off every block size leave partial blocks in both loops
-    (batch, seq), item_slots = CASES[case]
+    (batch, seq), item_indices = CASES[case]
     rank, width, out = 6, 200, 300
     A, Bt, scales = stacks(3, rank, width, out, dtype, seed=len(case))
     g = torch.Generator().manual_seed(7)
     x, result, slots = on_device(torch.randn(batch, seq, width, generator=g).to(dtype),
-                                 torch.randn(batch, seq, out, generator=g).to(dtype), torch.tensor(item_slots))
+                                 torch.randn(batch, seq, out, generator=g).to(dtype), torch.tensor(item_indices))
     want = reference(result, x, lambda s: A[s * rank : (s + 1) * rank], Bt, slots, scales, rank)
     got = result.clone()
     with torch.no_grad():
         assert lora_triton.lora_add_(got, x, A, Bt, slots, scales, rank, max_rows=4, config=CONFIGS[config])
     assert relative_error(got, want) < tolerance
-    per_item = batch * seq // len(item_slots)
-    for item, slot in enumerate(item_slots):  # base rows: not a bit changed
+    per_item = batch * seq // len(item_indices)
+    for item, slot in enumerate(item_indices):  # base rows: not a bit changed
         rows = slice(item * per_item, (item + 1) * per_item)
         if slot < 0:
             assert torch.equal(got.view(-1, out)[rows], result.view(-1, out)[rows])
@@ -106,11 +106,11 @@ def test_reads_a_layer_view_into_a_group_stack():
     (group,) = on_device(torch.randn(slots * members * rank, width))
     A = group.view(slots, members, rank, width)[:, 1]  # [slots, R, in], slots M·R rows apart
     _, Bt, scales = stacks(slots, rank, width, out, torch.float32, seed=3)
-    x, result, item_slots = on_device(torch.randn(2, 1, width), torch.randn(2, 1, out), torch.tensor([2, 0]))
-    want = reference(result, x, lambda s: A[s], Bt, item_slots, scales, rank)
+    x, result, item_indices = on_device(torch.randn(2, 1, width), torch.randn(2, 1, out), torch.tensor([2, 0]))
+    want = reference(result, x, lambda s: A[s], Bt, item_indices, scales, rank)
     got = result.clone()
     with torch.no_grad():
-        assert lora_triton.lora_add_(got, x, A, Bt, item_slots, scales, rank, max_rows=4)
+        assert lora_triton.lora_add_(got, x, A, Bt, item_indices, scales, rank, max_rows=4)
     assert relative_error(got, want) < 1e-5
 
 

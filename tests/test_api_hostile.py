@@ -31,6 +31,9 @@ from serve.api import ApiLimits
 from serve.server import GRACEFUL_SHUTDOWN_S, AccessConfig, AccessSettings, access_from
 from tests.conftest import LiveServer, free_port, start_service
 
+# A live server per module, its graceful shutdowns and throttling windows: the full suite's tier.
+pytestmark = pytest.mark.slow
+
 KEY = "hostile-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = ApiLimits()

@@ -43,6 +43,7 @@ def test_compiled_blocks_give_eager_loss_and_gradients(tiny_base):
     assert all("forward" not in block.__dict__ for block in decoder_blocks(model))
 
 
+@pytest.mark.slow
 def test_one_graph_serves_every_block_and_evals_stay_eager(tiny_base):
     model = lora_model(tiny_base, quantize=True)
     model.enable_input_require_grads()  # else block 0's input alone needs no grad: a second graph, for it
@@ -60,6 +61,7 @@ def test_one_graph_serves_every_block_and_evals_stay_eager(tiny_base):
     assert backend.graphs == 1  # after uncompile_blocks, training is eager again
 
 
+@pytest.mark.slow
 def test_checkpoint_stays_outside_the_compiled_graph(tiny_base):
     """Traced into the graph, the checkpoint cost 4.7 GB more peak memory on an H100 (8B shape):
     the compiled forward runs inside transformers' checkpoint instead, once in the forward pass

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapters.base import DEFAULT_BASE, BaseConfig
+from adapters.cli import load_yaml
 from serve.__main__ import build_parser as serve_parser
 from serve.__main__ import check_web_args
 from serve.config import ServeConfig
@@ -95,6 +96,26 @@ def test_flags_override_the_yaml():
                                "--r", "4", "--lr", "0.01", "--no-quant", "--target-modules", "q_proj", "v_proj"])
     assert (config.lora.r, config.optim.lr, config.base.quantize) == (4, 0.01, False)
     assert config.lora.target_modules == ["q_proj", "v_proj"] and config.lora.alpha == 32
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "demo").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_demo_task_recipe_holds_only_what_differs_from_the_shared_one(recipe):
+    """`make demo-adapters` gives configs/demo-adapter.yaml, then the task's own: its keys win,
+    section by section, and every other key is the shared recipe's."""
+    shared = config_from_args(["--config", str(ROOT / "configs" / "demo-adapter.yaml"), "--name", "x"])
+    task = config_from_args(["--config", str(ROOT / "configs" / "demo-adapter.yaml"), "--config", str(recipe),
+                             "--name", "x", "--seed", "3"])
+    own = load_yaml(recipe)
+    assert own and set(own) <= {"base", "lora", "optim", "data"}
+    for section, keys in own.items():
+        for key, value in keys.items():
+            assert getattr(getattr(task, section), key) == value, (section, key)
+    assert task.seed == 3  # a flag still overrides both files
+    changed = {(section, key) for section, keys in own.items() for key in keys}
+    for section in ("base", "lora", "optim", "data"):
+        for key, value in vars(getattr(shared, section)).items():
+            if (section, key) not in changed:
+                assert getattr(getattr(task, section), key) == value, (section, key)
 
 
 def test_unknown_keys_are_named():

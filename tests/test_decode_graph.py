@@ -35,6 +35,7 @@ def prompt(engine) -> torch.Tensor:
     return torch.tensor([[bos, 40, 41, 42, 43], [bos, 50, 51, 52, 53]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ROWS)
 def test_static_cache_steps_give_generates_tokens(engine, case):
     ids = prompt(engine)

@@ -56,6 +56,7 @@ def demo_tokenizer(tmp_path_factory):
     return train_tokenizer(tmp_path_factory.mktemp("demo-tokenizer"), config.vocab_size, config.seed)
 
 
+@pytest.mark.slow
 def test_the_general_mix_outputs_every_token_the_adapter_tasks_answer_with(demo_tokenizer, monkeypatch):
     """Each answer token must be a target in pretraining, or its output-head row stays collapsed."""
     import demo.tasks

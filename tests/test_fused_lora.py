@@ -66,6 +66,7 @@ def gradient_error(expected, got) -> float:
     return max(float((got[1][n] - g).norm() / g.norm()) for n, g in expected[1].items())
 
 
+@pytest.mark.slow
 def test_fused_layers_in_bf16_are_as_close_to_float32_as_peft_in_bf16(tiny_base):
     """peft runs the LoRA branch in float32, the fused path in the base's bf16 (as on a GPU). On
     this tiny random model bf16 alone moves some gradients by ~25%, so both are held against the
@@ -102,6 +103,7 @@ def test_fused_layers_fall_back_to_peft_where_they_do_not_apply(tiny_base):
     assert torch.allclose(mixed[0], fused[0], atol=1e-4) and torch.allclose(mixed[1], plain[1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_eval_pass_does_not_change_the_next_training_gradients(tiny_base):
     """bitsandbytes repacks 4-bit weights for a CPU inference kernel without a backward on the first
     eval-mode forward (on CPUs with AVX512-BF16); training after it must still see every gradient."""

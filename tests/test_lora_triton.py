@@ -21,6 +21,7 @@ else:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_kernel_checks_pass_in_a_process_of_their_own(request, tmp_path):
     """Triton fixes at its first import whether it compiles or interprets, and this process
     imported it already (peft does): without a GPU the checks run under its interpreter in a

@@ -226,6 +226,7 @@ def test_names_get_their_own_reasons_even_where_the_store_lists_none(tmp_path):
     assert name_problem(tmp_path, "fine") is None
 
 
+@pytest.mark.slow
 def test_serve_list_prints_the_good_adapters_and_every_rejection(tmp_path, served, other_base, tiny_base, capsys, shape):
     store = hostile_store(tmp_path / "store", served, other_base, sorted(ENTRIES))
     assert serve_main(["--base", str(tiny_base), "--adapters", str(store.root), "list"]) == 0

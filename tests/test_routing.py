@@ -8,6 +8,7 @@ tests cover the 4-bit base end to end (a mixed batch answers as each request alo
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from contextlib import nullcontext
 
@@ -103,10 +104,10 @@ def test_every_path_matches_peft_per_row(engine, tiny_base, mixed_ranks, monkeyp
     if path.endswith("grouped"):
         monkeypatch.setattr(routing, "KERNEL_MAX_ROWS", 0)  # every batch counts as a long prefill
     with shared_inputs(router) if path.startswith("shared") else nullcontext():
-        assert len(router._input_groups) == (2 * engine.base.model.config.num_hidden_layers if path.startswith("shared") else 0)
+        assert len(router.stacks.input_groups) == (2 * engine.base.model.config.num_hidden_layers if path.startswith("shared") else 0)
         got = routed_logits(engine, ids, mask, names)
-        assert all(group._x is None for group in router._input_groups)  # every member read its share: nothing held
-    assert len(router._scale_vectors) == 2  # q_proj's alpha/r differ for "b"
+        assert all(group.holds_nothing() for group in router.stacks.input_groups)  # every member read its share: nothing held
+    assert len(router.stacks.scale_vectors) == 2  # q_proj's alpha/r differ for "b"
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
@@ -153,7 +154,8 @@ def test_shared_inputs_take_one_product_per_group(engine, monkeypatch, names):
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-layer", "shared-inputs"])
-@pytest.mark.parametrize("shrink", sorted(routing.SHRINKS))
+@pytest.mark.parametrize("shrink", [pytest.param(name, marks=[pytest.mark.slow] if name == "reduce" else [])
+                                    for name in sorted(routing.SHRINKS)])  # reduce compiles with Inductor
 def test_each_shrink_matches_peft_on_one_row(engine, tiny_base, mixed_ranks, monkeypatch, shrink, shared):
     """Each way of computing a row's x·Aᵀ on the one-adapter path gives peft's logits, for a
     decode step's single row (where it is used) and for a prefill's several (where `mm` is)."""
@@ -189,6 +191,7 @@ def test_auto_takes_the_compiled_reduction_only_for_replayed_steps_on_a_gpu(monk
     assert routing.auto_shrinks(cuda) == ("mm", "mm")
 
 
+@pytest.mark.slow  # torch.compile, twice
 def test_reduce_computes_the_product_and_survives_a_failing_compiler(monkeypatch):
     x2, A = torch.randn(1, 64), torch.randn(48, 64)
     expected = x2 @ A.t()
@@ -248,16 +251,16 @@ def test_kernel_adds_each_rows_own_delta():
     A[R + 2 :][: R - 2] = 0  # slot 1 has rank 2: its padding rows are zero, as the router makes them
     Bt[R + 2 :][: R - 2] = 0
     scales = torch.tensor([0.5, 2.0, 1.5])
-    item_slots = torch.tensor([2, -1, 0, 1])
-    x = torch.randn(len(item_slots), seq, n_in)
-    result = torch.randn(len(item_slots), seq, n_out)
+    item_indices = torch.tensor([2, -1, 0, 1])
+    x = torch.randn(len(item_indices), seq, n_in)
+    result = torch.randn(len(item_indices), seq, n_out)
     expected = result.double().clone()
-    for item, s in enumerate(item_slots.tolist()):
+    for item, s in enumerate(item_indices.tolist()):
         if s >= 0:
             block = slice(s * R, (s + 1) * R)
             expected[item] += scales[s].double() * (x[item].double() @ A[block].double().t()) @ Bt[block].double()
     with torch.no_grad():
-        assert kernel.lora_add_(result, x, A, Bt, item_slots, scales, R, 64) is True
+        assert kernel.lora_add_(result, x, A, Bt, item_indices, scales, R, 64) is True
     torch.testing.assert_close(result.double(), expected, atol=1e-4, rtol=1e-5)
     one = torch.randn(3, 5, n_in)  # a single slot for every row: a one-element slot tensor
     out = torch.zeros(3, 5, n_out)
@@ -296,7 +299,7 @@ def test_bfloat16_stacks_route_like_peft(tiny_base, mixed_ranks, monkeypatch):
         wrong = peft(input_ids=ids, attention_mask=mask, adapter_names=["b", "a", "__base__", "small"]).logits.float()
         router = LoraRouter(peft, torch.bfloat16)
         router.rebuild(["a", "b", "small"])
-        assert router.lora_add is None and router._input_groups  # q/k/v and gate/up share their products
+        assert router.lora_add is None and router.stacks.input_groups  # q/k/v and gate/up share their products
         for rows in (64, 0):  # the masked step, then the grouped prefill
             monkeypatch.setattr(routing, "KERNEL_MAX_ROWS", rows)
             router.set_rows([None if n == "__base__" else n for n in names])
@@ -312,16 +315,14 @@ def test_long_mixed_prefills_are_grouped_on_the_cpu_and_masked_on_a_gpu_up_to_a_
     with torch.no_grad():
         engine.make_resident([engine.registry.resolve(n) for n in ("a", "b", "small")])
     router = engine.router
-    assert router._device.type == "cpu"
-    assert not router.use_groups(routing.KERNEL_MAX_ROWS) and router.use_groups(routing.KERNEL_MAX_ROWS + 1)
-    columns = len(router.keys) * router.rank
+    assert router.stacks.device.type == "cpu"
+    cpu, columns = router.stacks.device, router.stacks.columns()
+    assert not routing.use_groups(cpu, routing.KERNEL_MAX_ROWS, columns)
+    assert routing.use_groups(cpu, routing.KERNEL_MAX_ROWS + 1, columns)
     rows_at_bound = routing.GPU_MASKED_MAX_ELEMENTS // columns
-    router._device = torch.device("cuda")  # the policy reads only where the stacks live
-    try:
-        assert not router.use_groups(16 * 20) and not router.use_groups(rows_at_bound)
-        assert router.use_groups(rows_at_bound + 1)
-    finally:
-        router._device = torch.device("cpu")
+    cuda = torch.device("cuda")  # the policy reads only where the stacks live
+    assert not routing.use_groups(cuda, 16 * 20, columns) and not routing.use_groups(cuda, rows_at_bound, columns)
+    assert routing.use_groups(cuda, rows_at_bound + 1, columns)
 
 
 def test_fixed_masks_route_alike_and_keep_their_storage(engine, monkeypatch):
@@ -338,16 +339,16 @@ def test_fixed_masks_route_alike_and_keep_their_storage(engine, monkeypatch):
     assert router.version > version  # captured steps from before would read freed buffers
     try:
         got = routed_logits(engine, ids, mask, names)
-        storage = [m.data_ptr() for m in router._masks]
+        storage = [m.data_ptr() for m in router.plan.masks]
         flipped = routed_logits(engine, ids, mask, list(reversed(names)))
-        assert [m.data_ptr() for m in router._masks] == storage
+        assert [m.data_ptr() for m in router.plan.masks] == storage
         assert router.signature() == ("mixed",)
         torch.testing.assert_close(got, expected)
         assert (flipped[0] - got[0]).abs().max() > 1e-3  # the rewritten masks took effect
         routed_logits(engine, ids[:2], mask[:2], ["small", "small"])
         assert router.signature() == ("single", router.keys.index(engine.registry.resolve("small").key))
         router.set_rows(router.keys[:2] * 5)  # more rows than the buffers hold: masks made as usual
-        assert router._masks is None and router.mask(0).shape[0] == 10
+        assert router.plan.preset_masks is None and router.plan.masks[0].shape[0] == 10
     finally:
         router.fix_masks(0)
 
@@ -366,3 +367,34 @@ def test_the_server_offers_only_the_kernels_the_router_has(capsys):
     with pytest.raises(SystemExit) as exit:
         serve_main(["--base", "no/such/base", "web", "--lora-kernel", "triton"])  # the base is never read
     assert exit.value.code == 2 and "argument --lora-kernel: invalid choice: 'triton'" in capsys.readouterr().err
+
+
+def test_stacking_reads_the_weights_only_and_plans_name_their_path(engine, monkeypatch):
+    """`stack_adapters` builds new tensors and leaves peft's alone (`share_storage` is the step
+    that aliases them); a plan is fixed once made, and the path each step takes is named."""
+    names = ["a", "small", "base"]
+    ids, mask = batch(engine, len(names))
+    routed_logits(engine, ids, mask, names)
+    router = engine.router
+    layer = router.layers()[0]
+    key = router.keys[0]
+    before = layer.lora_A[key].weight.data_ptr()
+    fresh = routing.stack_adapters(router.layers(), list(router.keys), router.dtype)
+    assert layer.lora_A[key].weight.data_ptr() == before  # still the router's stack, not the new one
+    assert fresh.keys == router.keys and fresh.rank == router.rank
+    assert all(a.A.data_ptr() != b.A.data_ptr() for (_, a), (_, b) in zip(fresh.layers, router.stacks.layers))
+
+    plan = router.set_rows([router.keys[0], None, router.keys[1]])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.indices = (0, 0, 0)
+    assert plan.indices == (0, routing.BASE, 1) and plan.single is None
+    monkeypatch.setattr(router, "lora_add", None)
+    assert router.path_for(3) is routing.Path.MASKED
+    assert router.path_for(routing.KERNEL_MAX_ROWS + 1) is routing.Path.GROUPED
+    router.set_rows([router.keys[1]] * 2)
+    assert router.path_for(2) is routing.Path.SINGLE and router.signature() == ("single", 1)
+    router.set_rows([None, None])
+    assert router.path_for(2) is routing.Path.BASE
+    deterministic = dataclasses.replace(plan, per_row=True)
+    assert routing.torch_path(deterministic, 3) is routing.Path.PER_ROW
+    assert plan.per_row is False  # the original is untouched

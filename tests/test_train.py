@@ -91,6 +91,7 @@ def test_end_to_end_adapter_beats_base_and_reloads_with_plain_peft(tiny_base, to
     assert reloaded == card_score == card.metric.adapter
 
 
+@pytest.mark.slow
 def test_verify_reloads_with_plain_peft_and_gets_the_same_replies(tiny_base, toy_task, tmp_path):
     result = loop.train(config_from_args(toy_args(tiny_base, toy_task, tmp_path, "--max-steps", "20")))
     base = load_base(BaseConfig(str(tiny_base)))
@@ -103,6 +104,7 @@ def test_verify_reloads_with_plain_peft_and_gets_the_same_replies(tiny_base, toy
     assert len(examples) == result.card.metric.eval_examples == 6
 
 
+@pytest.mark.slow
 def test_a_save_that_fails_midway_keeps_the_previous_adapter(tiny_base, toy_task, tmp_path, monkeypatch):
     assert train_cli(toy_args(tiny_base, toy_task, tmp_path, "--max-steps", "2")) == 0
     store = AdapterStore(tmp_path / "store")
@@ -119,6 +121,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_adapter(tiny_base, toy_task
     assert len(store.versions("toy")) == 1
 
 
+@pytest.mark.slow
 def test_retraining_replaces_the_adapter_and_keeps_the_previous_version(tiny_base, toy_task, tmp_path):
     for steps in ("2", "3"):
         assert train_cli(toy_args(tiny_base, toy_task, tmp_path, "--max-steps", steps)) == 0
@@ -129,6 +132,7 @@ def test_retraining_replaces_the_adapter_and_keeps_the_previous_version(tiny_bas
     assert read_card(versions[0]).training.steps == 2
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tiny_base, toy_task, tmp_path, monkeypatch):
     args = ["--max-steps", "6", "--checkpoint-every", "2", "--dropout", "0.1", "--epochs", "1", "--log-every", "1"]
     whole = loop.train(config_from_args(toy_args(tiny_base, toy_task, tmp_path / "a", *args)))

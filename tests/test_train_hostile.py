@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- settings ---------------------------------------------------------------------------------
 
 FLOAT_FIELDS = ["lora.alpha", "lora.dropout", "optim.lr", "optim.warmup_ratio", "optim.weight_decay", "optim.epochs",
-                "optim.max_grad_norm", "data.eval_fraction"]
+                "optim.max_grad_norm", "data.eval_fraction", "stop.min_stop_probability"]
 OUT_OF_RANGE = [
     ("lora.r", 0), ("lora.alpha", 0.0), ("lora.alpha", -1.0), ("lora.dropout", 1.0), ("lora.dropout", -0.1),
     ("lora.last_layers", 0), ("optim.lr", 0.0), ("optim.lr", -1e-4), ("optim.warmup_ratio", 1.0),
@@ -43,6 +43,7 @@ OUT_OF_RANGE = [
     ("optim.grad_accum", 0), ("optim.max_grad_norm", -1.0), ("data.eval_fraction", 0.0), ("data.eval_fraction", 1.0),
     ("data.max_eval_examples", 0), ("data.max_length", 8), ("data.max_line_bytes", 0), ("seed", -1), ("seed", 2**32),
     ("checkpoint_every", -1), ("log_every", 0), ("lora.r", 2.5), ("lora.r", True), ("optim.max_steps", 1e3),
+    ("stop.min_stop_probability", 0.0), ("stop.min_stop_probability", 1.0), ("stop.probe_examples", 0),
 ]
 
 
@@ -128,6 +129,7 @@ def toy_args(base: Path, data: Path, tmp_path: Path, *extra: str) -> list[str]:
             "--adapters", str(tmp_path / "store"), *extra]
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_goes_nan_exits_non_zero_and_leaves_the_store_byte_identical(tiny_base, toy_task, tmp_path, capsys):
     assert train_cli(toy_args(tiny_base, toy_task, tmp_path, "--lr", "5e-3", "--max-steps", "2")) == 0
     store = AdapterStore(tmp_path / "store")
@@ -235,6 +237,7 @@ def staging_name(name: str, pid: int, start: str | None = None) -> str:
     return f"{name}@{socket.gethostname()}@{pid}.{start}@0123abcd"
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_save_leaves_debris_that_the_next_write_removes(tmp_path):
     killed = f"""
 import os, signal

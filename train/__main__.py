@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {result.adapter_dir}")
     if metric:
         print(f"{metric.name}: base {metric.base:.3f} -> adapter {metric.adapter:.3f} on {metric.eval_examples} eval examples")
+        print(f"stop rate (replies ending on a stop token): base {metric.base_stop_rate:.3f} -> adapter {metric.stop_rate:.3f}")
+    if card.stop_rows and card.stop_rows.trained_token_ids:
+        print(f"trained the output rows of stop token(s) {card.stop_rows.trained_token_ids} (docs/training.md#stop-rows)")
     return 0
 
 

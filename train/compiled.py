@@ -1,7 +1,7 @@
 """Regional torch.compile: each decoder block's training forward compiled once, shared by all blocks.
 
-A QLoRA step on a GPU spends most of its time launching kernels, not running them (bench-gpu on an
-H100, 8B shape: the GPU busy 37% of a step, about 13,000 kernels per step). Inductor fuses a
+A QLoRA step on a GPU spends much of its time launching kernels rather than running them (the
+profiles behind docs/performance.md show it per shape). Inductor fuses a
 block's element-wise work (RMSNorm's half-dozen ops, RoPE, SiLU·mul, the LoRA branch's casts and
 scale) into a few generated kernels; bitsandbytes' 4-bit ops stay calls of their own (they are
 registered torch ops). Compiling the block, not the whole model, is what keeps it cheap: the

@@ -10,7 +10,7 @@ from typing import Any
 from adapters.base import BaseConfig
 from adapters.cli import NON_NEGATIVE, OPEN_UNIT, POSITIVE, SEED, UNIT, Range, add_config_args, apply_overrides, check_numbers
 from adapters.cli import config_leaves as _leaves  # noqa: F401  (the tests walk the fields with it)
-from adapters.cli import from_dict, load_yaml
+from adapters.cli import from_dict, load_yamls
 from adapters.cli import opt as _opt
 from adapters.store import check_name
 
@@ -92,6 +92,35 @@ class DataSettings:
             self.task = Path(self.path).parent.name or Path(self.path).stem
 
 
+STOP_PROBABILITY_FLOOR = 1e-6
+"""The default `stop.min_stop_probability`, set far below chance and far above what a base gives a
+token it never emitted. At chance a token gets 1/V, which is above 1e-6 for any vocabulary in use
+(Gemma's 256k pieces: 4e-6). Around chance, even where a random-weight head puts the stop token,
+a LoRA on the blocks raises it to a stop in a short run. Far below chance the base has learned that
+the token never comes: pretraining pushed its output row down together with every other token it
+never emitted, and a LoRA, which moves only the hidden state, cannot lift it above that crowd.
+The probabilities measured on both kinds of base: docs/training.md#stop-rows."""
+
+
+@dataclass
+class StopSettings:
+    """Bases that never stop: the probe of the base's stop tokens before training, and the fix (train/stops.py)."""
+
+    train_stop_rows: bool | None = _opt(
+        None, "Train the stop tokens' output rows (and their input rows where the embeddings are tied) beside the "
+              "LoRA, with peft's trainable_token_indices (train/stops.py). Default: when the base gives a stop token "
+              "less than --min-stop-probability where the training replies end; --no-train-stop-rows never does.")
+    min_stop_probability: float = _opt(
+        STOP_PROBABILITY_FLOOR, "A stop token whose mean base probability at the reply ends of the probed training "
+                                "examples is below this gets its rows trained (unless --no-train-stop-rows).",
+        range=OPEN_UNIT)
+    probe_examples: int = _opt(64, "Training examples whose reply ends the base is probed at before training.",
+                               range=POSITIVE)
+
+    def __post_init__(self) -> None:
+        check_numbers(self, "stop")
+
+
 @dataclass
 class TrainConfig:
     name: str = _opt("", "Adapter name in the store (letters, digits, '.', '_', '-').")
@@ -99,11 +128,12 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     data: DataSettings = field(default_factory=lambda: DataSettings(path="-"))
+    stop: StopSettings = field(default_factory=StopSettings)
     seed: int = _opt(0, "Seed for data order, LoRA init and dropout.", range=SEED)
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     fused_lora: bool | None = _opt(None, "One autograd function per adapted layer (base product + LoRA, "
                                          "train/fused_lora.py); --no-fused-lora runs peft's own forward. Default: on "
-                                         "the CPU only, where it measured faster (no steady gain on an H100).")
+                                         "the CPU only, where it is the faster path (docs/performance.md).")
     compile: bool | None = _opt(None, "torch.compile each decoder block's training forward (train/compiled.py): fewer, "
                                       "fused kernels per step, for a one-time compilation (seconds to a minute or two). "
                                       "Evals and generation stay eager. Default: on a GPU only, where it measured "
@@ -135,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a QLoRA adapter on a 4-bit base and save it, with its card, in the adapter store.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="A YAML file holding a saved TrainConfig; flags override it.")
+    parser.add_argument("--config", action="append",
+                        help="A YAML file holding a saved TrainConfig; flags override it. Given again, each "
+                             "file's keys override the ones before it.")
     parser.add_argument("--no-quant", action="store_true", help="Load the base unquantized (plain LoRA).")
     add_config_args(parser, TrainConfig, flag_of=_flag)
     return parser
@@ -146,7 +178,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     data: dict[str, Any] = {}
     if "config" in args:
-        data = load_yaml(args.pop("config"))
+        data = load_yamls(args.pop("config"))
     if args.pop("no_quant", False):
         args["base.quantize"] = False
     return config_from_dict(apply_overrides(data, args))

@@ -23,8 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler, set_seed
 
-from adapters.base import LoadedBase, load_base, load_tokenizer, resolve_device, under_fsdp
-from adapters.card import AdapterCard, BaseInfo, ChatInfo, DatasetInfo, LoraInfo, MetricInfo, TrainingInfo
+from adapters.base import LoadedBase, check_base_code, load_base, load_tokenizer, resolve_device, under_fsdp
+from adapters.card import AdapterCard, BaseInfo, ChatInfo, DatasetInfo, LoraInfo, MetricInfo, StopRowsInfo, TrainingInfo
 from adapters.chat import end_of_turn_token
 from adapters.data import Example, read_examples
 from adapters.store import AdapterStore
@@ -44,6 +44,7 @@ from train.data import (
 from train.evaluate import eval_loss, exact_match, token_loss_sum
 from train.fused_lora import fuse_lora_layers
 from train.save import save_adapter
+from train.stops import StopProbe, StopRowsPlan, plan_stop_rows, probe_sample, probe_stops, report_stop_rows, token_indices_for
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +80,17 @@ class TrainResult:
     card: AdapterCard
 
 
-def linear_module_names(base_path: str) -> tuple[set[str], int]:
+def linear_module_names(base_path: str, trust_remote_code: bool = False) -> tuple[set[str], int]:
     """Leaf names of the base's linear layers and its block count, from the config alone (meta device)."""
-    config = AutoConfig.from_pretrained(base_path)
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return names, getattr(config, "num_hidden_layers", 0)
 
 
-def check_lora_fits_base(lora: LoraSettings, base_path: str) -> None:
-    names, n_layers = linear_module_names(base_path)
+def check_lora_fits_base(lora: LoraSettings, base_path: str, trust_remote_code: bool = False) -> None:
+    names, n_layers = linear_module_names(base_path, trust_remote_code)
     if lora.target_modules != ["all-linear"]:
         unknown = [m for m in lora.target_modules if m not in names]
         if unknown:
@@ -157,8 +158,9 @@ def keep_4bit_layers_differentiable(model) -> int:
     return unpacked
 
 
-def attach_lora(model, config: TrainConfig, n_layers: int):
-    """Wrap the frozen base with trainable LoRA matrices; only A and B require grad."""
+def attach_lora(model, config: TrainConfig, n_layers: int, stop_token_ids: list[int] | tuple[int, ...] = ()):
+    """Wrap the frozen base with trainable LoRA matrices; only A and B require grad, and the
+    output rows (tied: the shared rows) of `stop_token_ids` (train/stops.py)."""
     keep_4bit_layers_differentiable(model)
     lora = config.lora
     if config.gradient_checkpointing:
@@ -176,6 +178,7 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
         target_modules=targets,
         layers_to_transform=layers,
         layers_pattern="layers" if layers else None,
+        trainable_token_indices=token_indices_for(model, list(stop_token_ids)) if stop_token_ids else None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
@@ -187,7 +190,7 @@ def attach_lora(model, config: TrainConfig, n_layers: int):
         else:
             model.enable_input_require_grads()  # every block's input the same kind: block 0 needs no graph of its own
             log.info("compiled %d decoder blocks' training forward: the first steps wait for the compilation "
-                     "(about 1.5 min for an 8B shape on an H100); --no-compile skips it", compile_blocks(model))
+                     "(minutes for a large shape on a GPU); --no-compile skips it", compile_blocks(model))
     return model
 
 
@@ -270,15 +273,17 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     """
     store = store or AdapterStore(config.store_dir)
     set_seed(config.seed)
-    check_lora_fits_base(config.lora, config.base.path)
+    check_base_code(config.base)  # before anything reads the folder: its own code runs only if allowed
+    check_lora_fits_base(config.lora, config.base.path, config.base.trust_remote_code)
     check_optimizer_fits_device(config.optim.optimizer, resolve_device(config.base.device))
-    tokenizer, _ = load_tokenizer(config.base.path)
+    tokenizer, _ = load_tokenizer(config.base.path, config.base.trust_remote_code)
     data = prepare_data(config, tokenizer)
 
     accelerator = Accelerator()
     base = load_base(config.base)
     n_layers = base.model.config.num_hidden_layers
-    model = attach_lora(base.model, config, n_layers)
+    stops = plan_stops(config, base, data, accelerator)
+    model = attach_lora(base.model, config, n_layers, stops.token_ids)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = _count_params(model)
     if under_fsdp():
@@ -340,7 +345,10 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
 
     unwrapped: PeftModel = accelerator.unwrap_model(model)
     metric = _score(unwrapped, tokenizer, data.eval_examples, device, base.stop_token_ids)
-    card = _build_card(config, base, data, progress, steps_per_epoch, trainable, total_params, final_eval, metric)
+    after = probe_stops(unwrapped, probe_sample(data.train, config.stop.probe_examples, config.seed), base.stop_token_ids,
+                        pad_id, device)
+    card = _build_card(config, base, data, progress, steps_per_epoch, trainable, total_params, final_eval, metric,
+                       stop_rows_info(stops, after, config))
     if not accelerator.is_main_process:
         return TrainResult(store.path(config.name), card)
     if config.checkpoint_every:
@@ -348,6 +356,29 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     path = save_adapter(store, unwrapped, tokenizer, card)
     log.info("saved adapter %s: exact match base %.3f -> adapter %.3f", path, metric.base, metric.adapter)
     return TrainResult(path, card)
+
+
+def plan_stops(config: TrainConfig, base: LoadedBase, data: PreparedData, accelerator: Accelerator) -> StopRowsPlan:
+    """Probe the base where the training replies end and decide which stop tokens' rows to
+    train (train/stops.py); said before training starts."""
+    sample = probe_sample(data.train, config.stop.probe_examples, config.seed)
+    probe = probe_stops(base.model, sample, base.stop_token_ids, base.tokenizer.pad_token_id, base.device)
+    plan = plan_stop_rows(config.stop, probe)
+    if accelerator.is_main_process:
+        report_stop_rows(plan, config.stop, base.tokenizer)
+    return plan
+
+
+def stop_rows_info(plan: StopRowsPlan, after: StopProbe, config: TrainConfig) -> StopRowsInfo:
+    """The card's record of the stop tokens: the base's probabilities, the adapter's, what was trained."""
+    return StopRowsInfo(
+        base_probability={str(t): p for t, p in plan.probe.probability.items()},
+        threshold=config.stop.min_stop_probability,
+        setting=plan.setting,
+        trained_token_ids=plan.token_ids,
+        adapter_probability={str(t): p for t, p in after.probability.items()},
+        probed_examples=plan.probe.examples,
+    )
 
 
 def epoch_windows(lengths: list[int], config: TrainConfig, epoch: int, accelerator: Accelerator) -> list[list[list[int]]]:
@@ -466,12 +497,12 @@ def _end_of_epoch(model, tokenizer, data: PreparedData, progress: Progress, devi
 
 def _score(model: PeftModel, tokenizer, examples: list[Example], device, stop_ids) -> MetricInfo:
     """The task metric with the adapter and with the base alone, on the same eval examples, and
-    how often the adapter's replies stopped on a stop token."""
+    how often the replies of each stopped on a stop token."""
     with_adapter = exact_match(model, tokenizer, examples, device, stop_ids=stop_ids)
-    with model.disable_adapter():
-        base_alone = exact_match(model, tokenizer, examples, device, stop_ids=stop_ids).score
-    return MetricInfo("exact_match", base=base_alone, adapter=with_adapter.score, eval_examples=len(examples),
-                      stop_rate=with_adapter.stop_rate)
+    with model.disable_adapter():  # the trained token rows too (peft disables its TrainableTokensWrapper)
+        base_alone = exact_match(model, tokenizer, examples, device, stop_ids=stop_ids)
+    return MetricInfo("exact_match", base=base_alone.score, adapter=with_adapter.score, eval_examples=len(examples),
+                      stop_rate=with_adapter.stop_rate, base_stop_rate=base_alone.stop_rate)
 
 
 def _count_params(model) -> int:
@@ -491,7 +522,8 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
 
 
-def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress, steps_per_epoch: int, trainable: int, total: int, final_eval: float, metric: MetricInfo) -> AdapterCard:
+def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress, steps_per_epoch: int, trainable: int, total: int, final_eval: float, metric: MetricInfo,
+                stop_rows: StopRowsInfo | None = None) -> AdapterCard:
     digest, size = file_digest(config.data.path)
     arch = (base.model.config.architectures or [type(base.model).__name__])[0]
     return AdapterCard(
@@ -519,4 +551,5 @@ def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress
         metric=metric,
         versions=_versions(),
         chat=ChatInfo(sorted(base.stop_token_ids), end_of_turn_token(base.tokenizer)),
+        stop_rows=stop_rows,
     )
