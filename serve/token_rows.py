@@ -14,7 +14,7 @@ forward hooks on the base's output head and input embedding:
 
 The engine sets the rows' adapter keys before each forward (`set_rows`, beside the LoRA router's).
 By default the hooks read them from a fixed device buffer and gather every row's rows from one
-stack ([slots, tokens, hidden]), so a captured CUDA graph replays correctly for any mix of rows
+stack ([indices, tokens, hidden]), so a captured CUDA graph replays correctly for any mix of rows
 (serve/slots.py); `per_row` (the deterministic mode) instead computes each row from its own
 adapter's rows alone, at their own count, so what a row gets depends on nothing else in the
 batch or among the resident adapters. When no row of a step uses token rows, the hooks do nothing.
@@ -29,7 +29,7 @@ import torch
 from adapters.compat import TokenRows, TokenRowSet
 
 NONE = 0
-"""The slot of rows whose adapter has no token rows (or the base): it holds no rows of its own."""
+"""The index of rows whose adapter has no token rows (or the base): it holds no rows of its own."""
 
 
 @dataclass
@@ -44,16 +44,16 @@ class OwnRows:
 
 @dataclass
 class RowStack:
-    """One matrix's resident token rows: slot s (1..) is the s-th resident adapter with rows for it."""
+    """One matrix's resident token rows: index s (1..) is the s-th resident adapter with rows for it."""
 
     token_ids: torch.Tensor
     """[tokens]: every token id some resident adapter trains in this matrix."""
     rows: torch.Tensor
-    """[slots, tokens, hidden]: slot s's row for token_ids[j] (zeros where it has none)."""
+    """[indices, tokens, hidden]: index s's row for token_ids[j] (zeros where it has none)."""
     own: torch.Tensor
-    """[slots, tokens]: whether slot s has a row for token_ids[j]."""
+    """[indices, tokens]: whether index s has a row for token_ids[j]."""
     sets: list[OwnRows | None]
-    """Per slot, its own rows alone (the per-row path); None for slot NONE and adapters without rows here."""
+    """Per index, its own rows alone (the per-row path); None for index NONE and adapters without rows here."""
 
 
 class TokenRowRouter:
@@ -66,11 +66,11 @@ class TokenRowRouter:
         self._host: dict[str, TokenRows] = {}
         """Adapter key -> its rows (float32, on the CPU), for every loaded adapter that has any."""
         self.keys: list[str] = []
-        """The resident adapters with token rows: key i has slot i + 1."""
+        """The resident adapters with token rows: key i has index i + 1."""
         self._stacks: dict[str, RowStack | None] = {"input": None, "output": None}
-        self._row_slot = torch.zeros(0, dtype=torch.long)
-        """[rows]: the current rows' slots, in a buffer whose address only a larger batch changes."""
-        self._slots: list[int] = []
+        self._row_index = torch.zeros(0, dtype=torch.long)
+        """[rows]: the current rows' indices, in a buffer whose address only a larger batch changes."""
+        self._indices: list[int] = []
         self._handles: list = []
         self.version = 0
         """Counts rebuilds and buffer changes: a captured step holds the addresses of the version it saw."""
@@ -89,7 +89,7 @@ class TokenRowRouter:
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         self._stacks = {"input": self._stack([self._host[k].input for k in self.keys], embedding.weight),
                         "output": self._stack([self._host[k].output for k in self.keys], head.weight)}
-        self._slots = []
+        self._indices = []
         self._hook(head, embedding)
         self.version += 1
 
@@ -103,13 +103,13 @@ class TokenRowRouter:
         rows = torch.zeros(len(sets) + 1, len(ids), weight.shape[1], dtype=weight.dtype, device=weight.device)
         own = torch.zeros(len(sets) + 1, len(ids), dtype=torch.bool, device=weight.device)
         placed: list[OwnRows | None] = [None]
-        for slot, s in enumerate(sets, start=1):
+        for index, s in enumerate(sets, start=1):
             if s is None:
                 placed.append(None)
                 continue
             mine = OwnRows(torch.tensor(s.token_ids, device=weight.device), s.rows.to(rows))
             at = torch.tensor([column[t] for t in s.token_ids], device=weight.device)
-            rows[slot, at], own[slot, at] = mine.rows, True
+            rows[index, at], own[index, at] = mine.rows, True
             placed.append(mine)
         return RowStack(torch.tensor(ids, device=weight.device), rows, own, placed)
 
@@ -124,26 +124,26 @@ class TokenRowRouter:
 
     def set_rows(self, keys: list[str | None]) -> None:
         """One adapter key per row of the next forward (None: the base)."""
-        slot = {key: i for i, key in enumerate(self.keys, start=1)}
-        self._slots = [slot.get(k, NONE) for k in keys] if self.keys else []
+        index = {key: i for i, key in enumerate(self.keys, start=1)}
+        self._indices = [index.get(k, NONE) for k in keys] if self.keys else []
         if not self.active():
             return
         device = next(s for s in self._stacks.values() if s is not None).rows.device
-        if self._row_slot.numel() < len(keys) or self._row_slot.device != device:
-            self._row_slot = torch.zeros(max(len(keys), 2 * self._row_slot.numel()), dtype=torch.long, device=device)
+        if self._row_index.numel() < len(keys) or self._row_index.device != device:
+            self._row_index = torch.zeros(max(len(keys), 2 * self._row_index.numel()), dtype=torch.long, device=device)
             self.version += 1
-        self._row_slot[: len(keys)].copy_(torch.tensor(self._slots))
+        self._row_index[: len(keys)].copy_(torch.tensor(self._indices))
 
     def active(self) -> bool:
         """Whether some row of the current step uses token rows."""
-        return any(self._slots)
+        return any(self._indices)
 
     def signature(self) -> tuple:
         """What a captured step computes beyond its inputs' values: nothing, the gathered rows
-        (right for any mix), or with `per_row` the rows of exactly these slots."""
+        (right for any mix), or with `per_row` the rows of exactly these indices."""
         if not self.active():
             return ()
-        return ("token rows", tuple(self._slots)) if self.per_row else ("token rows",)
+        return ("token rows", tuple(self._indices)) if self.per_row else ("token rows",)
 
     # -- the hooks ---------------------------------------------------------------------------
     def _output_hook(self, module, args, logits: torch.Tensor):
@@ -152,11 +152,11 @@ class TokenRowRouter:
             return None
         hidden = args[0]  # [batch, positions, hidden]
         if self.per_row:
-            return _output_per_row(stack, self._slots, hidden, logits)
-        slot = self._row_slot[: logits.shape[0]]
-        fresh = torch.matmul(hidden.to(stack.rows.dtype), stack.rows[slot].transpose(1, 2))  # [batch, positions, tokens]
+            return _output_per_row(stack, self._indices, hidden, logits)
+        index = self._row_index[: logits.shape[0]]
+        fresh = torch.matmul(hidden.to(stack.rows.dtype), stack.rows[index].transpose(1, 2))  # [batch, positions, tokens]
         base = logits.index_select(-1, stack.token_ids)
-        chosen = torch.where(stack.own[slot].unsqueeze(1), fresh.to(logits.dtype), base)
+        chosen = torch.where(stack.own[index].unsqueeze(1), fresh.to(logits.dtype), base)
         return logits.index_copy(-1, stack.token_ids, chosen)
 
     def _input_hook(self, module, args, embeds: torch.Tensor):
@@ -164,21 +164,21 @@ class TokenRowRouter:
         if stack is None or not self.active():
             return None
         ids = args[0]  # [batch, positions]
-        slot = self._row_slot[: ids.shape[0]]
-        match = (ids.unsqueeze(-1) == stack.token_ids) & stack.own[slot].unsqueeze(1)  # [batch, positions, tokens]
+        index = self._row_index[: ids.shape[0]]
+        match = (ids.unsqueeze(-1) == stack.token_ids) & stack.own[index].unsqueeze(1)  # [batch, positions, tokens]
         which = match.to(torch.uint8).argmax(-1)  # an adapter's ids are distinct: at most one match
-        rows = stack.rows[slot.unsqueeze(1), which]  # [batch, positions, hidden]
+        rows = stack.rows[index.unsqueeze(1), which]  # [batch, positions, hidden]
         scale = getattr(module, "embed_scale", None)  # scaled embeddings (Gemma 3) scale their output, as peft does
         if isinstance(scale, torch.Tensor):
             rows = rows * scale.to(rows.dtype)
         return torch.where(match.any(-1, keepdim=True), rows.to(embeds.dtype), embeds)
 
 
-def _output_per_row(stack: RowStack, slots: list[int], hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _output_per_row(stack: RowStack, indices: list[int], hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Each row's token logits from its own adapter's rows alone ([positions, hidden] x [hidden, own tokens])."""
     logits = logits.clone()
-    for item, slot in enumerate(slots):
-        own = stack.sets[slot]
+    for item, index in enumerate(indices):
+        own = stack.sets[index]
         if own is None:
             continue
         fresh = torch.mm(hidden[item].to(own.rows.dtype), own.rows.t())  # [positions, own tokens]
