@@ -398,3 +398,8 @@ def test_stacking_reads_the_weights_only_and_plans_name_their_path(engine, monke
     deterministic = dataclasses.replace(plan, per_row=True)
     assert routing.torch_path(deterministic, 3) is routing.Path.PER_ROW
     assert plan.per_row is False  # the original is untouched
+    # The per-row path loops over the items' adapters on the host, so a captured step holds them:
+    # another mix of the same width must not replay it.
+    swapped = dataclasses.replace(deterministic, indices=(1, routing.BASE, 0))
+    assert deterministic.signature() == ("per_row", (0, routing.BASE, 1)) != swapped.signature()
+    assert plan.signature() == ("mixed",) == dataclasses.replace(plan, indices=(1, routing.BASE, 0)).signature()
