@@ -87,8 +87,11 @@ test: setup
 	$(PY) -m pytest -q
 
 # The inner loop: everything but the tests marked slow (end-to-end runs, benches, the browser).
+# One worker per core (at most four), one intra-op thread each: the fast tier's tests are small
+# models whose operators do not amortise a thread pool, so processes beat threads here.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 # Every request answered as it is alone, under 1,000 concurrent requests (bench/invariance.py):
 # against URL= when given, else a server of each mode started on a free loopback port.

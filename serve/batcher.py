@@ -254,7 +254,8 @@ class ContinuousBatcher:
             torch.set_num_threads(self.threads)
             return
         if self.engine.base.device.type != "cpu" or self._default_threads == 1:
-            torch.set_num_threads(self._default_threads)
+            self.threads = self.engine.decode_threads = self._default_threads  # nothing to choose between
+            torch.set_num_threads(self.threads)
             return
         timings = {}
         for n in (self._default_threads, 1):

@@ -8,10 +8,12 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -201,16 +203,14 @@ def two_adapters(tiny_base, tmp_path_factory, pytestconfig) -> AdapterStore:
     """Trained once per machine and code: the store is a pure function of the code that builds
     the tiny base and trains (their sources are in the key), the library versions and the CPU,
     so a later session copies it rather than spending half a minute retraining it."""
-    root = tmp_path_factory.mktemp("two-adapters")
-    cache = fixture_cache(pytestconfig, "two-adapters", TRAINING_SOURCES)
-    if cache is not None and (cache / "root").is_dir():  # the store and, beside it, each task's data
-        shutil.copytree(cache / "root", root, dirs_exist_ok=True)
-        return AdapterStore(root / "store")
-    store = train_two_adapters(tiny_base, root)
-    if cache is not None:
-        shutil.copytree(root, cache / "root.partial")
-        (cache / "root.partial").rename(cache / "root")  # a session killed mid-copy leaves no half copy
-    return store
+    scratch = tmp_path_factory.mktemp("two-adapters-built")
+    built = build_once(pytestconfig, "two-adapters", TRAINING_SOURCES, lambda folder: train_two_adapters(tiny_base, folder),
+                       scratch / "built")
+    if built == scratch / "built":
+        return AdapterStore(built / "store")
+    root = tmp_path_factory.mktemp("two-adapters")  # a copy: tests add to and replace in the store
+    shutil.copytree(built, root, dirs_exist_ok=True)  # the store and, beside it, each task's data
+    return AdapterStore(root / "store")
 
 
 TRAINING_SOURCES = ("adapters", "train", "demo", "tests/conftest.py")
@@ -231,6 +231,24 @@ def fixture_cache(pytestconfig, name: str, sources: tuple[str, ...]) -> Path | N
         digest.update(f"{package}={importlib.metadata.version(package)}".encode())
     digest.update(cpu_flags().encode())
     return Path(pytestconfig.cache.mkdir(f"loraswap-{name}-{digest.hexdigest()[:16]}"))
+
+
+def build_once(pytestconfig, name: str, sources: tuple[str, ...], build: Callable[[Path], object],
+               scratch: Path) -> Path:
+    """The folder `build(folder)` fills, built once per machine and code (fixture_cache), or into
+    `scratch` when the cache is off. The workers of one `pytest -n` run share the cache: a lock lets
+    one build while the others wait, and the rename means a run killed mid-build leaves no half folder."""
+    cache = fixture_cache(pytestconfig, name, sources)
+    if cache is None:
+        build(scratch)
+        return scratch
+    done, partial = cache / "built", cache / "built.partial"
+    with FileLock(cache / "lock"):
+        if not done.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+            build(partial)
+            partial.rename(done)
+    return done
 
 
 def cpu_flags() -> str:

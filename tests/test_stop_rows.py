@@ -22,7 +22,7 @@ from adapters.data import load_examples
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
 from serve.slots import DecodeSettings
-from tests.conftest import TRAINING_SOURCES, chat, fixture_cache, save_random_adapter, write_jsonl
+from tests.conftest import TRAINING_SOURCES, build_once, chat, save_random_adapter, write_jsonl
 from tests.never_stops import COLORS, build_never_stopping_base, one_thread
 from train.config import STOP_PROBABILITY_FLOOR, StopSettings
 from train.data import tokenize
@@ -33,18 +33,9 @@ FIXTURE_SOURCES = ("tests/never_stops.py", "tests/families.py")
 
 
 def cached(request, name: str, sources: tuple[str, ...], build) -> Path:
-    """build(folder) once per machine and code (conftest.fixture_cache), else into a temporary folder."""
-    cache = fixture_cache(request.config, name, sources)
-    if cache is None:
-        folder = request.getfixturevalue("tmp_path_factory").mktemp(name) / "built"
-        build(folder)
-        return folder
-    done = cache / "built"
-    if not done.is_dir():
-        shutil.rmtree(cache / "built.partial", ignore_errors=True)
-        build(cache / "built.partial")
-        (cache / "built.partial").rename(done)  # a session killed mid-build leaves no half folder
-    return done
+    """build(folder) once per machine and code (conftest.build_once), else into a temporary folder."""
+    scratch = request.getfixturevalue("tmp_path_factory").mktemp(name) / "built"
+    return build_once(request.config, name, sources, build, scratch)
 
 
 @pytest.fixture(scope="session")
