@@ -240,6 +240,37 @@ def test_random_token_rows_act_on_their_own_rows_only(base_name, decode, tiny_ba
     check_mixed_batch(base_path, store, "rows", decode)
 
 
+def test_a_static_decode_step_with_token_rows_reads_nothing_back_and_keeps_its_signature(tiny_base, tmp_path):
+    """What a CUDA graph needs of the gathered token rows (the default decode), checked on the CPU:
+    a decode step over a mix of rows reads no value back to the host (a capture would fail), and
+    another mix of the same adapters has the same step signature and buffers, so the captured
+    graph is replayed for it and reads that mix's indices from the fixed buffer."""
+    from bench.decode_graph import HostSyncs, StaticDecode
+
+    base = load_base(BaseConfig(str(tiny_base)))
+    store = AdapterStore(tmp_path / "store")
+    with store.write("rows") as folder:
+        token_row_adapter(tiny_base, tmp_path / "made", {"lm_head": [base.tokenizer.eos_token_id, 10]})
+        for file in (tmp_path / "made").iterdir():
+            shutil.copy(file, folder / file.name)
+    save_random_adapter(store, "plain", tiny_base, seed=3)
+    engine = engine_on(tiny_base, store, DecodeSettings())
+    try:
+        rows, plain = (engine.registry.resolve(n) for n in ("rows", "plain"))
+        engine.make_resident([rows, plain])
+        ids = torch.tensor([[base.tokenizer.bos_token_id, 40, 41, 42]] * 3)
+        state = StaticDecode.prefill(engine.route([rows.key, None, plain.key]), ids, 4)
+        signature = engine.step_signature()
+        engine.router.lora_add = None  # the torch ops a GPU runs, not the CPU kernel
+        with HostSyncs() as reads:
+            state.step()
+        assert reads.seen == [] and signature[0] == engine.router.signature() + ("token rows",)
+        engine.route([None, rows.key, rows.key])
+        assert engine.step_signature() == signature
+    finally:
+        engine.close()
+
+
 class Toy(torch.nn.Module):
     """An embedding and an output head, tied or not: what TokenRowRouter hooks."""
 
