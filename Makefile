@@ -19,7 +19,7 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: FORCE setup base data demo-adapters train params-table test test-fast check-invariance demo verify bench-serve bench-train bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
+.PHONY: FORCE setup base data demo-adapters train params-table test test-fast check-invariance demo verify bench-serve bench-train bench-grammar bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
 
 help:
 	@echo "make demo            set up, build the demo base and adapters if missing or stale, start the server"
@@ -34,6 +34,7 @@ help:
 	@echo "make verify          reload every stored adapter with plain peft and recompute its metric"
 	@echo "make serve-list      servable and rejected adapters (python -m serve list / chat)"
 	@echo "make bench-serve     the engine vs one-at-a-time set_adapter serving (bench/results/serve.json)"
+	@echo "make bench-grammar   xgrammar vs llguidance for JSON output on the CPU (bench/results/grammar.json)"
 	@echo "make bench-train     our training loop vs Trainer + peft on the CPU (bench/results/train.json)"
 	@echo "make bench-gpu       Llama-3.2-1B and 3.1-8B shapes on a GPU; SIZE=tiny runs it on the CPU; STAGES=serving|training; SKIP=\"experiments\" (SKIP=none: all); PROFILE=1 adds profiles"
 	@echo "make serve-vllm      the vLLM multi-LoRA launch command for every servable adapter"
@@ -104,6 +105,10 @@ bench-serve: setup $(BASE)/config.json demo-adapters
 bench-train: setup $(BASE)/config.json data/uppercase/train.jsonl
 	$(PY) -m bench.train --base $(BASE)
 
+# xgrammar against llguidance for response_format (bench/results/grammar.json)
+bench-grammar: setup $(BASE)/config.json
+	$(PY) -m bench.grammar --tokenizer $(BASE) --json bench/results/grammar.json
+
 SIZE ?= 8b 1b
 bench-gpu: setup
 	$(PY) -m bench.gpu --sizes $(SIZE) $(if $(STAGES),--stages $(STAGES)) $(if $(SKIP),--skip $(SKIP)) $(if $(PROFILE),--profile)
@@ -111,8 +116,9 @@ bench-gpu: setup
 serve-list: setup
 	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) list
 
+VLLM_OUT ?= build/vllm
 serve-vllm: setup
-	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) vllm
+	$(PY) -m serve --base $(BASE) --adapters $(ADAPTERS_DIR) vllm --out $(VLLM_OUT)
 
 # Evidence for choosing rank and technique (reports/): see the README's "Choosing rank and technique".
 RANKS ?= 1 2 4 8 16 64

@@ -81,7 +81,7 @@ def cmd_vllm(args) -> int:
     import os
 
     from adapters.compat import base_shape_from_config
-    from serve.vllm import vllm_plan
+    from serve.vllm import vllm_plan, write_handoff
 
     config = service_config(args)
     registry = AdapterRegistry(AdapterStore(config.adapters), base_shape_from_config(config.base))
@@ -89,6 +89,13 @@ def cmd_vllm(args) -> int:
     plan = vllm_plan(config.base, registry.store, registry.servable(), args.host, args.port, quantized=config.quantize)
     for name, why in {**plan.excluded, **{r.name: r.reason for r in registry.rejected()}}.items():
         print(f"# left out {name}: {why}", file=sys.stderr)
+    if args.out:
+        handoff = write_handoff(args.out, plan)
+        for name, why in handoff.layout.refused.items():
+            if name not in plan.excluded:
+                print(f"# left out of {handoff.layout.folder}: {name}: {why}", file=sys.stderr)
+        print(f"# wrote {handoff.lora_modules}; the resolver form serves {handoff.layout.folder}:\n"
+              f"# {plan.resolver_shell(handoff.layout.folder)}", file=sys.stderr)
     print(plan.shell())
     if args.run:
         os.execvp(plan.command[0], plan.command)
@@ -141,7 +148,7 @@ def cmd_web(args) -> int:
     with sock:
         service = Service.start(config.service)
         try:
-            run(service, access, sock, config.api)
+            run(service, access, sock, config.api, config.fleet)
         finally:
             service.close()
     return 0
@@ -162,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--host", default=DEFAULT_HOST)
     vllm.add_argument("--port", type=int, default=8000)
     vllm.add_argument("--run", action="store_true", help="Run it (vLLM must be installed) instead of printing it.")
+    vllm.add_argument("--out", default=None, metavar="DIR",
+                      help="Also write DIR/lora-modules.json and DIR/loras/<name>/ for vLLM's filesystem resolver.")
     web = sub.add_parser("web", help="The web UI and the OpenAI-compatible API on one server.")
     web.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                      help="A YAML file holding a saved ServeConfig (configs/serve.yaml: the defaults); flags override it.")

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible HTTP API: `GET /v1/models` and `POST /v1/chat/completions` (SSE streaming too).
+"""The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions` and
+`POST /v1/completions` (raw prompts), each streaming too (SSE). The request bodies are
+serve/api_models.py.
 
 `model` is an adapter name, or 'base'. Every error under /v1 uses OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, and names the field at fault in `param` and
@@ -22,26 +24,33 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
-from functools import partial
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.requests import ClientDisconnect
 
-from adapters import Message
 from adapters.cli import AT_LEAST_ONE, opt
-from serve.engine import SEED_RANGE, ChatResult, RequestError, SamplingParams
+from serve.api_models import (REQUEST_MODELS, ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorResponse,
+                               TextCompletion)
+from serve.api_responses import Chunks, chat_completion, text_completion
+from serve.batcher import Stream
+from serve.engine import ChatRequest, ChatResult, RequestError
 from serve.registry import UnknownAdapterError
 from serve.service import BusyError, Service
+
+if TYPE_CHECKING:
+    from serve.management import FleetSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,55 +105,6 @@ def _named(message: str, param: str | None) -> str:
     return f"{param}: {message}" if param and not message.startswith(param) else message
 
 
-def _valid_text(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:  # only a lone surrogate cannot be encoded
-        raise PydanticCustomError("lone_surrogate", "contains a lone UTF-16 surrogate at character {at}, which is "
-                                  "not valid Unicode: send the whole pair, or U+FFFD", {"at": err.start}) from err
-    return value
-
-
-Text = Annotated[str, AfterValidator(_valid_text)]
-"""A string that is valid Unicode (JSON's \\uXXXX escapes can spell half a surrogate pair)."""
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: Text
-
-
-class ChatCompletionRequest(BaseModel):
-    # strict: `"stream": "yes"` or `"max_tokens": "8"` is a client bug to report, not to guess at;
-    # allow_inf_nan: Python's json reads NaN and 1e999, which no sampler can use.
-    model_config = ConfigDict(strict=True, allow_inf_nan=False)
-
-    model: Text
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    stop: list[Text] | None = None
-    seed: int | None = Field(None, ge=0, lt=SEED_RANGE)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop(cls, value):
-        """OpenAI takes one stop string or a list of them."""
-        return [value] if isinstance(value, str) else value
-
-    def params(self) -> SamplingParams:
-        limit = self.max_completion_tokens or self.max_tokens or 256
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=limit,
-                              seed=self.seed, stop=tuple(self.stop or ()))
-
-
 class _ApiRoute(APIRoute):
     """A /v1 route: an ApiError becomes its response, a departed client ends the request quietly,
     and anything else becomes an OpenAI-shaped 500, logged with its traceback."""
@@ -167,8 +127,15 @@ class _ApiRoute(APIRoute):
         return guarded
 
 
-def build_api(service: Service, api_key: str | None = None, limits: ApiLimits = ApiLimits()) -> FastAPI:
-    """The FastAPI app holding the /v1 routes (the UI is mounted on it afterwards, at /)."""
+def build_api(service: Service, api_key: str | None = None, limits: ApiLimits = ApiLimits(),
+              fleet: FleetSettings | None = None) -> FastAPI:
+    """The FastAPI app holding the /v1 routes, /health and /metrics (the UI is mounted on it
+    afterwards, at /). fleet: runtime adapter loading and metrics access (off and closed when None)."""
+    # Imported here: both build on this module's ApiError and body parsing.
+    from serve.management import FleetSettings, add_adapter_routes, model_cards
+    from serve.metrics import add_fleet_routes
+
+    fleet = fleet or FleetSettings()
     app = FastAPI(title="loraswap", description="OpenAI-compatible chat completions over QLoRA adapters")
     router = APIRouter(prefix="/v1", route_class=_ApiRoute)
 
@@ -183,28 +150,22 @@ def build_api(service: Service, api_key: str | None = None, limits: ApiLimits = 
     @router.get("/models")
     def list_models(request: Request):
         authorize(request)
-        created = int(time.time())
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "loraswap"}
-                                           for name in service.model_names()]}
+        return {"object": "list", "data": model_cards(service, int(time.time()))}
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", **documented("ChatCompletionRequest", ChatCompletion, streams=True))
     async def chat_completions(request: Request):
         authorize(request)
-        body = parse_request(await read_body(request, limits.max_body_bytes), limits)
-        if body.model not in service.model_names():
-            raise _unknown_model(body.model, service.model_names())
-        stream = await _submit(service, body)
-        if stream.result is not None and stream.result.error:  # refused before it ran: a plain error, streaming or not
-            raise _engine_error(stream.result)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if body.stream:
-            return StreamingResponse(_sse(stream, completion_id, body.model), media_type="text/event-stream")
-        result = await _wait(stream, request)
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED)
-        if result.error:
-            raise _engine_error(result)
-        return _completion(result, completion_id, body.model)
+        body = parse_request(await read_body(request, limits.max_body_bytes), limits, ChatCompletionRequest)
+        return await _respond(request, service, body, chat=True)
+
+    @router.post("/completions", **documented("CompletionRequest", TextCompletion, streams=True))
+    async def completions(request: Request):
+        """A raw prompt, continued as it is: no chat template."""
+        authorize(request)
+        body = parse_request(await read_body(request, limits.max_body_bytes), limits, CompletionRequest)
+        return await _respond(request, service, body, chat=False)
+
+    add_adapter_routes(router, service, authorize, fleet, limits.max_body_bytes)  # before the catch-all below
 
     @router.api_route("", methods=_METHODS, include_in_schema=False)
     @router.api_route("/{path:path}", methods=_METHODS, include_in_schema=False)
@@ -219,7 +180,47 @@ def build_api(service: Service, api_key: str | None = None, limits: ApiLimits = 
         raise ApiError(404, f"no such endpoint: {request.method} {path}", "invalid_request_error", "unknown_url")
 
     app.include_router(router)
+    add_fleet_routes(app, service, authorize, fleet.open_metrics)
+    publish_request_models(app)
     return app
+
+
+ERROR_STATUSES = {400: "the request is malformed or asks what the server cannot do (the field is named)",
+                  401: "missing or wrong API key", 404: "unknown model", 413: "request body too large",
+                  429: "the server is full, or this address failed to log in too often", 500: "server error",
+                  503: "the adapter failed to load"}
+
+
+def documented(request_model: str | None, ok: type[BaseModel] | None, streams: bool = False,
+               statuses: dict[int, str] = ERROR_STATUSES) -> dict:
+    """A route's request body and responses for /openapi.json. The handlers read their bodies
+    themselves (their own 400s and 413s), so FastAPI cannot infer them: declared here, the body
+    by reference to `publish_request_models`' components."""
+    responses: dict = {status: {"model": ErrorResponse, "description": why} for status, why in statuses.items()}
+    if ok is not None:
+        responses[200] = {"model": ok, "description": "the answer"}
+        if streams:
+            responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    extra = {}
+    if request_model is not None:
+        ref = {"$ref": f"#/components/schemas/{request_model}"}
+        extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    return {"responses": responses, "openapi_extra": extra}
+
+
+def publish_request_models(app: FastAPI) -> None:
+    """Put the request models' JSON schemas among /openapi.json's components (see `documented`)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -245,8 +246,8 @@ def _too_large(limit: int) -> ApiError:
                     "invalid_request_error", "request_too_large")
 
 
-def parse_request(raw: bytes, limits: ApiLimits) -> ChatCompletionRequest:
-    """The body as a checked request, or a 400 naming what is wrong with it."""
+def parse_request(raw: bytes, limits: ApiLimits, model: type[BaseModel] = ChatCompletionRequest):
+    """The body as a checked `model` (a chat or a raw completion request), or a 400 naming what is wrong with it."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -260,7 +261,7 @@ def parse_request(raw: bytes, limits: ApiLimits) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise invalid(f"request body must be a JSON object, not {type(data).__name__}")
     try:
-        body = ChatCompletionRequest.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         raise invalid(first["msg"], field_name(first["loc"]) or None) from err
@@ -269,15 +270,18 @@ def parse_request(raw: bytes, limits: ApiLimits) -> ChatCompletionRequest:
 
 
 def field_name(loc: tuple) -> str:
-    """('messages', 0, 'content') -> 'messages[0].content', as OpenAI names fields."""
+    """('messages', 0, 'content') -> 'messages[0].content', as OpenAI names fields. pydantic puts
+    the member it tried of a union in the path too ('list[TextPart]'): not a field, left out."""
     name = ""
     for part in loc:
+        if isinstance(part, str) and not part.isidentifier():
+            continue
         name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
     return name
 
 
-def check_limits(body: ChatCompletionRequest, limits: ApiLimits) -> None:
-    if len(body.messages) > limits.max_messages:
+def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: ApiLimits) -> None:
+    if isinstance(body, ChatCompletionRequest) and len(body.messages) > limits.max_messages:
         raise invalid(f"{len(body.messages)} messages, more than the server's limit of {limits.max_messages} "
                       "(--max-messages)", "messages")
     stops = body.stop or []
@@ -294,21 +298,65 @@ def _unknown_model(name: str, available: list[str]) -> ApiError:
                     "invalid_request_error", "model_not_found", "model")
 
 
-async def _submit(service: Service, body: ChatCompletionRequest):
-    """Queue the request; preparing it (template, tokenizer) runs in a worker thread, off the event loop."""
+async def _respond(request: Request, service: Service, body: ChatCompletionRequest | CompletionRequest,
+                   chat: bool) -> Response:
+    """Submit every choice of the request together (rows of one batch), then answer or stream them."""
+    if body.model not in service.model_names():
+        raise _unknown_model(body.model, service.model_names())
     try:
-        params = body.params()
-    except ValueError as err:  # the request's fields passed the schema, the engine's own checks are the backstop
+        requests = body.requests()
+    except ValueError as err:  # FieldError, or SamplingParams' own checks (the backstop behind the schema)
         raise invalid(str(err), getattr(err, "param", None)) from err
-    messages = [Message(m.role, m.content) for m in body.messages]
+    streams = await _submit(service, requests)
+    refused = next((s.result for s in streams if s.result is not None and s.result.error), None)
+    if refused is not None:  # refused before it ran: a plain error, streaming or not
+        _cancel(streams)
+        raise _engine_error(refused)
+    completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    prompts = 1 if chat else len(body.prompts())
+    if body.stream:
+        chunks = Chunks(completion_id, body.model, chat, body.include_usage())
+        return StreamingResponse(_sse(streams, chunks, prompts), media_type="text/event-stream")
+    results = await _wait_all(streams, request)
+    if results is None:
+        return Response(status_code=CLIENT_CLOSED)
+    failed = next((r for r in results if r.error), None)
+    if failed is not None:
+        raise _engine_error(failed)
+    tokenizer = service.base.tokenizer
+    if chat:
+        return JSONResponse(chat_completion(results, completion_id, body.model, tokenizer))
+    return JSONResponse(text_completion(results, completion_id, body.model, tokenizer, prompts))
+
+
+async def _submit(service: Service, requests: list[ChatRequest]) -> list[Stream]:
+    """Queue the requests together; preparing them (template, tokenizer, grammar) runs in a worker
+    thread, off the event loop."""
     try:
-        return await anyio.to_thread.run_sync(partial(service.chat, body.model, messages, params))
+        return await anyio.to_thread.run_sync(service.submit_all, requests)
     except UnknownAdapterError as err:  # removed from the store since the check above
-        raise _unknown_model(body.model, err.available) from err
+        raise _unknown_model(requests[0].adapter, err.available) from err
     except RequestError as err:
         raise invalid(str(err), err.param, err.code) from err
     except BusyError as err:
         raise ApiError(429, str(err), "server_busy", "server_busy") from err
+
+
+def _cancel(streams: list[Stream]) -> None:
+    for stream in streams:
+        stream.cancel()
+
+
+async def _wait_all(streams: list[Stream], request: Request) -> list[ChatResult] | None:
+    """Every stream's result; None, with all of them cancelled, when the client left first."""
+    results = []
+    for stream in streams:
+        result = await _wait(stream, request)
+        if result is None:
+            _cancel(streams)
+            return None
+        results.append(result)
+    return results
 
 
 async def _wait(stream, request: Request) -> ChatResult | None:
@@ -339,38 +387,44 @@ def _engine_error(result: ChatResult) -> ApiError:
     return ApiError(status, _named(result.error, param), type_, code if code in _ENGINE_ERRORS else "server_error", param)
 
 
-def _completion(result: ChatResult, completion_id: str, model: str) -> dict:
-    return {
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.new_tokens,
-                  "total_tokens": result.prompt_tokens + result.new_tokens},
-    }
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
 
 
-async def _sse(stream, completion_id: str, model: str):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. An engine error
-    arrives as an `{"error": ...}` event before [DONE]. A client that hangs up cancels this
-    generator (Starlette watches for the disconnect), and so the generation."""
-    created = int(time.time())
+def _pump(index: int, stream: Stream, merged: queue.Queue) -> None:
+    """Move one choice's pieces into the request's merged queue; (index, None) when it ends."""
+    for piece in stream:
+        merged.put((index, piece))
+    merged.put((index, None))
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return f"data: {json.dumps(body)}\n\n"
 
-    pieces = iter(stream)
+async def _sse(streams: list[Stream], chunks: Chunks, prompts: int):
+    """Server-sent events in OpenAI's chunk format, the choices' pieces as they come, ending with
+    `data: [DONE]`. A choice's engine error arrives as an `{"error": ...}` event. A client that
+    hangs up cancels this generator (Starlette watches for the disconnect), and so the generations."""
+    merged: queue.Queue = queue.Queue()
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        # abandon_on_cancel: a departed client's task ends now; the thread's wait ends at the cancel below
-        while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True)) is not None:
-            yield chunk({"content": piece})
-        result = stream.result
-        yield f"data: {json.dumps(_engine_error(result).body())}\n\n" if result.error else chunk({}, result.finish_reason)
+        for index in range(len(streams)):
+            if (start := chunks.start(index)) is not None:
+                yield _event(start)
+        for index, stream in enumerate(streams):
+            threading.Thread(target=_pump, args=(index, stream, merged), daemon=True, name=f"sse-{index}").start()
+        running = len(streams)
+        while running:
+            # abandon_on_cancel: a departed client's task ends now; the pumps end at the cancel below
+            index, piece = await anyio.to_thread.run_sync(merged.get, abandon_on_cancel=True)
+            if piece is not None:
+                yield _event(chunks.piece(index, piece))
+                continue
+            running -= 1
+            result = streams[index].result
+            yield _event(_engine_error(result).body() if result.error else chunks.finish(index, result.finish_reason))
+        if chunks.include_usage:
+            yield _event(chunks.usage([s.result for s in streams], prompts))
         yield "data: [DONE]\n\n"
     except Exception:  # the 200 is sent already: say so in the stream, and log why
-        log.exception("streaming %s failed", completion_id)
+        log.exception("streaming %s failed", chunks.completion_id)
         error = ApiError(500, "internal server error: the server's log has the details", "server_error", "server_error")
-        yield f"data: {json.dumps(error.body())}\n\n"
+        yield _event(error.body())
     finally:
-        stream.cancel()  # a client that hangs up stops its generation
+        _cancel(streams)  # a client that hangs up stops its generations

@@ -28,7 +28,8 @@ import torch
 from transformers import DynamicCache
 
 from adapters.chat import left_pad
-from serve.engine import ChatRequest, ChatResult, ContextLengthError, Engine, Prepared, SamplingParams
+from serve.engine import ChatRequest, ChatResult, ContextLengthError, Engine, Prepared, SamplingParams, TokenLogprob
+from serve.grammar import Constraint, GrammarError
 from serve.registry import AdapterEntry, UnknownAdapterError
 from serve.slots import DEFAULT_SLOTS_SHARE, DecodeSettings, SlotCache, StepGraphs, causal_lm, device_free_bytes
 
@@ -46,6 +47,11 @@ class Stream:
         self._lock = threading.Lock()
         self.cancelled = threading.Event()
         self.result: ChatResult | None = None
+        # Monotonic times for the latency metrics (serve/metrics.py): queued, joined the running
+        # batch, and each token's text handed over (a token that ends half a character waits for the next).
+        self.queued_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.token_times: list[float] = []
 
     def cancel(self) -> None:
         """Ask the decode loop to end this request at its next step, with the text so far."""
@@ -69,6 +75,7 @@ class Stream:
         return self.result
 
     def _emit(self, piece: str) -> None:
+        self.token_times.append(time.monotonic())
         if piece:
             self._pieces.put(piece)
 
@@ -101,6 +108,15 @@ class Running:
     text: str = ""
     checked: int = 0
     """How much of `text` is known to hold no stop string."""
+    constraint: Constraint | None = None
+    """The request's `response_format` grammar, advanced token by token."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """With `SamplingParams.logprobs`: one per token in `tokens`."""
+    picked: TokenLogprob | None = None
+    """The log-probabilities of the token just picked, kept once `_append` keeps the token."""
+
+    def __post_init__(self) -> None:
+        self.stream.admitted_at = time.monotonic()  # admitted: it runs from the next step on
 
     @property
     def request(self) -> ChatRequest:
@@ -281,6 +297,10 @@ class ContinuousBatcher:
             cache.crop(-1)
         return best
 
+    def is_alive(self) -> bool:
+        """The loop runs and takes requests (False once closed, or if its thread died)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def wait_ready(self, timeout: float | None = 60) -> None:
         """Block until the loop has chosen its threads and takes requests (they queue before that)."""
         self._ready.wait(timeout)
@@ -327,7 +347,9 @@ class ContinuousBatcher:
                 continue
             try:
                 max_new = self.kv.fit(prepared.prompt, prepared.max_new)
-                new.append(Running(prepared, stream, request_generator(prepared.request.params), max_new))
+                constraint = (None if prepared.grammar is None else
+                              self.engine.grammars.constraint(prepared.grammar, self.stop_ids | prepared.stop_ids))
+                new.append(Running(prepared, stream, request_generator(prepared.request.params), max_new, constraint=constraint))
             except Exception as err:  # this request's alone: its neighbours are admitted as usual
                 stream._finish(ChatResult.failed(prepared.request.adapter, err))
         return new
@@ -418,28 +440,47 @@ class ContinuousBatcher:
     def _pick_tokens(self, logits: torch.Tensor) -> list[int | Exception]:
         """Each running row's next token from its [vocab] logits, or the error that row hit.
 
-        When every row decodes greedily the argmax runs where the logits are and only the ids
-        cross to the host (with a large vocabulary that saves copying every row's logits each
-        step). Sampling rows need their probabilities on the host, where each request's own
-        generator lives. A row whose logits are not finite fails alone.
+        When every row decodes greedily, free and without log-probabilities, the argmax runs where
+        the logits are and only the ids cross to the host (with a large vocabulary that saves
+        copying every row's logits each step). Otherwise the rows' logits come to the host, where
+        each request's own generator and grammar matcher live. A row whose logits are not finite
+        fails alone.
         """
         params = [seq.request.params for seq in self._running]
         finite = torch.isfinite(logits).all(dim=-1)
-        if all(p.temperature == 0 for p in params):
+        if all(p.temperature == 0 and p.logprobs is None for p in params) and not any(s.constraint for s in self._running):
             # one transfer for both: on a GPU each read back to the host waits for the step
             tokens, finite = torch.stack([logits.argmax(dim=-1), finite.long()]).tolist()
-        else:
-            finite = finite.tolist()
-            host = logits.float().cpu()
-            tokens = [_pick(row, p, seq.generator) if ok else 0 for row, p, seq, ok in zip(host, params, self._running, finite)]
-        return [t if ok else NonFiniteLogits() for t, ok in zip(tokens, finite)]
+            return [t if ok else NonFiniteLogits() for t, ok in zip(tokens, finite)]
+        host = logits.float().cpu()
+        return [self._pick_row(row, seq) if ok else NonFiniteLogits()
+                for row, seq, ok in zip(host, self._running, finite.tolist())]
+
+    @staticmethod
+    def _pick_row(logits: torch.Tensor, seq: Running) -> int | Exception:
+        """One row's token: within its grammar where it has one; its log-probabilities noted in `seq.picked`."""
+        params = seq.request.params
+        scores = seq.constraint.restrict(logits) if seq.constraint else logits
+        if not torch.isfinite(scores).any():
+            return NoAllowedToken()
+        token = _pick(scores, params, seq.generator)
+        seq.picked = None if params.logprobs is None else token_logprob(logits, token, params.logprobs)
+        return token
 
     def _append(self, seq: Running, token: int) -> bool:
         """Record a token and stream the new text; True while the request goes on."""
         tokenizer = self.engine.base.tokenizer
         finished = token in self.stop_ids or token in seq.prepared.stop_ids
+        if seq.constraint is not None:
+            try:
+                seq.constraint.accept(token)
+            except GrammarError as err:  # this request's alone
+                seq.fail(err)
+                return False
         if not finished:
             seq.tokens.append(token)
+            if seq.picked is not None:
+                seq.logprobs.append(seq.picked)
         text = tokenizer.decode(seq.tokens, skip_special_tokens=True).lstrip()
         at = find_stop(text, seq.request.params.stop, seq.checked)
         seq.checked = len(text)
@@ -451,8 +492,20 @@ class ContinuousBatcher:
         if final:
             reason = "length" if len(seq.tokens) >= seq.max_new and not finished and at is None else "stop"
             seq.stream._finish(ChatResult(seq.name, seq.text.strip(), len(seq.tokens), prompt_tokens=len(seq.prompt),
-                                          finish_reason=reason))
+                                          finish_reason=reason, logprobs=self._kept_logprobs(seq, at)))
         return not final
+
+    def _kept_logprobs(self, seq: Running, cut: int | None) -> tuple[TokenLogprob, ...] | None:
+        """The log-probabilities of the tokens whose text the reply shows: a stop string cuts the
+        text, and the tokens past the cut go with it."""
+        if seq.request.params.logprobs is None:
+            return None
+        kept = len(seq.logprobs)
+        if cut is not None:
+            decode = self.engine.base.tokenizer.decode
+            while kept and len(decode(seq.tokens[: kept - 1], skip_special_tokens=True).lstrip()) >= cut:
+                kept -= 1
+        return tuple(seq.logprobs[:kept])
 
 
 
@@ -582,6 +635,16 @@ class StaticKV:
             return self.slots.step(model, rows)[:n]
 
 
+class NoAllowedToken(RuntimeError):
+    """A row whose grammar allows none of the tokens the model can give (a stop token it has
+    not got, say); the request ends with this error, its neighbours go on."""
+
+    code = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__("response_format: the grammar allows no token the model can give here")
+
+
 class NonFiniteLogits(RuntimeError):
     """A row's logits held NaN or infinity: that request fails, the others are sampled as usual."""
 
@@ -605,6 +668,14 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
 def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     missing = width - mask.shape[1]
     return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under the row's raw logits, and the `top` likeliest tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

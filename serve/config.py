@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from adapters.cli import AT_LEAST_ONE, Range, apply_overrides, config_leaves, field_flag, from_dict, load_yaml
 from serve.api import ApiLimits
+from serve.management import FleetSettings
 from serve.server import AccessSettings
 from serve.service import ServiceConfig
 
@@ -25,6 +26,7 @@ class ServeConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     access: AccessSettings = field(default_factory=AccessSettings)
     api: ApiLimits = field(default_factory=ApiLimits)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
 
 
 ENGINE_FIELDS: dict[str, dict] = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -25,6 +25,7 @@ from adapters.base import LoadedBase, end_of_turn_id
 from adapters.chat import Message, encode_prompt
 from adapters.compat import read_token_rows
 from adapters.store import CHAT_TEMPLATE_FILE
+from serve.grammar import GrammarError, Grammars, ResponseFormat
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
 from serve.routing import LoraRouter
 from serve.slots import DecodeSettings
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SEED_RANGE = 2**64
 """A request's seed is one of torch.Generator's: 0 <= seed < 2**64."""
+MAX_LOGPROBS = 20
+"""The most alternatives a request may ask log-probabilities for (OpenAI's limit)."""
 
 
 class RequestError(ValueError):
@@ -72,9 +75,12 @@ class SamplingParams:
     """Seeded sampling draws from the request's own generator: the same seed, the same reply."""
     stop: tuple[str, ...] = ()
     """The reply ends before the first of these strings."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each reply token's, and the k likeliest alternatives' (0 to MAX_LOGPROBS)."""
 
     def __post_init__(self) -> None:
         for name, ok in (("temperature", math.isfinite(self.temperature) and self.temperature >= 0),
+                         ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS),
                          ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1),
                          ("top_k", self.top_k >= 0), ("max_new_tokens", self.max_new_tokens > 0),
                          ("seed", self.seed is None or 0 <= self.seed < SEED_RANGE)):
@@ -95,6 +101,10 @@ class ChatRequest:
     """An adapter name, or 'base' for the base alone."""
     messages: tuple[Message, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    response_format: ResponseFormat | None = None
+    """JSON output, constrained token by token (serve/grammar.py); None: free text."""
+    prompt: str | None = None
+    """A raw prompt, tokenized as it is with no chat template (`/v1/completions`); then `messages` is empty."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,8 @@ class Prepared:
     stop_ids: frozenset[int] = frozenset()
     """Tokens that end this reply beyond the base's own: the end of turn of the adapter's chat
     template and the stop ids its card records (`Engine.stop_ids`)."""
+    grammar: object | None = None
+    """The compiled `response_format` (`Grammars.compile`); None: free text."""
 
 
 ERROR_CODES = ("model_not_found", "context_length_exceeded", "invalid_request_error", "adapter_unavailable",
@@ -130,6 +142,8 @@ class ChatResult:
     """With `error`: one of ERROR_CODES."""
     error_param: str | None = None
     """With `error`: the request field at fault, where there is one (`messages[0].content`)."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """With `SamplingParams.logprobs`: one per reply token, in order."""
 
     @classmethod
     def failed(cls, adapter: str, err: BaseException, text: str = "", new_tokens: int = 0) -> "ChatResult":
@@ -139,6 +153,17 @@ class ChatResult:
         else:
             code = getattr(err, "code", "server_error")
         return cls(adapter, text, new_tokens, error=str(err), error_code=code, error_param=getattr(err, "param", None))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One reply token's log-probability under the model's own distribution (its logits' log-softmax,
+    before temperature, top-k, top-p or a grammar's mask), and its likeliest alternatives'."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token, log-probability), likeliest first."""
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -178,6 +203,48 @@ class AdapterCache:
         return victims
 
 
+@dataclass(frozen=True)
+class Residency:
+    """A copy of `ResidencyLog` at one moment."""
+
+    tiers: dict[str, str]
+    """Adapter key -> 'device' or 'host'; a key in neither is only on disk."""
+    loads: dict[tuple[str, str], int]
+    """(adapter name, 'disk' or 'host') -> times its weights were put on the device from there."""
+    evictions: dict[str, int]
+    """Adapter name -> times its weights were moved off the device to host memory."""
+
+
+class ResidencyLog:
+    """Where each adapter key's weights are, and how often they moved, as the engine's residency
+    code reports it. It has its own lock, so the metrics read it from any thread at any time; the
+    engine's `lock` is held for a whole decode step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tiers: dict[str, str] = {}
+        self._loads: Counter[tuple[str, str]] = Counter()
+        self._evictions: Counter[str] = Counter()
+
+    def loaded(self, key: str, name: str, source: str) -> None:
+        with self._lock:
+            self._tiers[key] = "device"
+            self._loads[(name, source)] += 1
+
+    def evicted(self, key: str, name: str) -> None:
+        with self._lock:
+            self._tiers[key] = "host"
+            self._evictions[name] += 1
+
+    def dropped(self, key: str) -> None:
+        with self._lock:
+            self._tiers.pop(key, None)
+
+    def snapshot(self) -> Residency:
+        with self._lock:
+            return Residency(dict(self._tiers), dict(self._loads), dict(self._evictions))
+
+
 class Engine:
     """Generates replies for requests that each name their own adapter, through one decode loop."""
 
@@ -202,27 +269,42 @@ class Engine:
         """Adapter key -> its stop tokens (`stop_ids`); a key is one published version, so never stale."""
         """Adapter key -> adapter name (keys escape '.', so a name is not recoverable from its key)."""
         self.loads_from_disk = 0
+        self.residency = ResidencyLog()
+        """Where each adapter's weights are and how often they moved, for the metrics (serve/metrics.py)."""
         self.decode_threads: int | None = None
         """Intra-op threads the decode loop chose for this engine (serve/batcher.py)."""
         self._loop: ContinuousBatcher | None = None
         self._loop_lock = threading.Lock()
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     # -- adapter residency -------------------------------------------------------------
     def _load(self, entry: AdapterEntry) -> None:
         """Put one adapter's weights in the peft model; on failure nothing of it stays there."""
         try:
-            if entry.key in self._host:
+            source = "host" if entry.key in self._host else "disk"
+            if source == "host":
                 config, weights = self._host.pop(entry.key)
                 self._model.add_adapter(entry.key, config)
                 set_peft_model_state_dict(self._model, weights, adapter_name=entry.key)
             else:
                 self.loads_from_disk += 1
                 self._load_from_disk(entry)
+            self._name_an_active_adapter()
             self._check_finite(entry)
+            self.residency.loaded(entry.key, entry.name, source)
         except Exception as err:
             self._discard(entry.key)
             raise AdapterLoadError(f"adapter {entry.name!r} could not be loaded from {entry.path}: "
                                    f"{type(err).__name__}: {err}") from err
+
+    def _name_an_active_adapter(self) -> None:
+        """peft's forward reads the config of its one 'active' adapter (the router, not peft, decides
+        what each row adds). Deleting the adapter it names (an eviction) does not always name
+        another, nor does adding one later, and every forward would then fail: name a loaded one."""
+        configs = self._model.peft_config
+        if configs and self._model.active_adapter not in configs:
+            self._model.active_adapter = next(iter(configs))
 
     def _load_from_disk(self, entry: AdapterEntry) -> None:
         rows = read_token_rows(entry.path, self.registry.base)
@@ -266,11 +348,15 @@ class Engine:
         self._tokens.remove(key)
         if self._model is not None and key in self._model.peft_config:
             self._model.delete_adapter(key)
+            self._name_an_active_adapter()
+        self.residency.dropped(key)
 
     def _unload(self, key: str) -> None:
         weights = {k: v.detach().to("cpu", copy=True) for k, v in self._adapter_weights(key).items()}
         self._host[key] = (self._model.peft_config[key], weights)
         self._model.delete_adapter(key)
+        self._name_an_active_adapter()
+        self.residency.evicted(key, self._names.get(key, key))
 
     def make_resident(self, entries: list[AdapterEntry]) -> dict[str, AdapterLoadError]:
         """Load what a step needs, evict the least recently used beyond the cap, and restack the
@@ -314,7 +400,9 @@ class Engine:
             return self.base.model
         self._router.set_rows(keys, replayed)
         self._tokens.set_rows(keys)
-        return self._model
+        # With every adapter evicted the peft wrapper has none, and its forward fails on that; the
+        # model under it computes the same (its adapted layers stay in place, routed to the base).
+        return self._model if self._model.peft_config else self.base.model
 
     @property
     def router(self) -> LoraRouter | None:
@@ -350,6 +438,15 @@ class Engine:
                 self._restack()
         return bool(keys)
 
+    def forget(self, key: str) -> None:
+        """Drop one adapter version's weights from the device and from host memory (its runtime
+        load was undone). A request still running on it loads it from its folder again."""
+        with self.lock:
+            was_resident = key in self.cache.resident()
+            self._discard(key)
+            if was_resident and self._router is not None:
+                self._restack()
+
     # -- requests ------------------------------------------------------------------------
     def _template(self, entry: AdapterEntry | None) -> str | None:
         """The adapter's saved chat template, read once per version; None means the base's own."""
@@ -371,9 +468,26 @@ class Engine:
         if context:
             if len(prompt) >= context:
                 raise ContextLengthError(f"prompt is {len(prompt)} tokens, which fills the model's context of {context} tokens",
-                                         "messages")
+                                         "messages" if request.prompt is None else "prompt")
             max_new = min(max_new, context - len(prompt))
-        return Prepared(request, entry, prompt, max_new, self.stop_ids(entry))
+        return Prepared(request, entry, prompt, max_new, self.stop_ids(entry), self._compile(request.response_format))
+
+    @property
+    def grammars(self) -> Grammars:
+        """The response-format compiler for this base's tokenizer, made on the first constrained request."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                vocab = self.base.model.get_output_embeddings().weight.shape[0]
+                self._grammars = Grammars(self.base.tokenizer, vocab)
+            return self._grammars
+
+    def _compile(self, fmt: ResponseFormat | None):
+        if fmt is None:
+            return None
+        try:
+            return self.grammars.compile(fmt)
+        except GrammarError as err:
+            raise RequestError(str(err), err.param) from err
 
     def stop_ids(self, entry: AdapterEntry | None) -> frozenset[int]:
         """The tokens that end a reply for this adapter (None: the base alone): the base's, the end
@@ -389,6 +503,8 @@ class Engine:
         return self._stops[entry.key]
 
     def _encode(self, request: ChatRequest, entry: AdapterEntry | None) -> list[int]:
+        if request.prompt is not None:
+            return self._encode_raw(request.prompt)
         for i, message in enumerate(request.messages):
             try:
                 message.content.encode("utf-8")
@@ -400,6 +516,17 @@ class Engine:
         except Exception as err:  # a template's own error (a role it refuses, a raise_exception) is the request's
             raise RequestError(f"messages: the chat template could not render them: {type(err).__name__}: {err}",
                                "messages") from err
+
+    def _encode_raw(self, prompt: str) -> list[int]:
+        """A raw prompt's tokens, with the tokenizer's own special tokens (a BOS where it adds one)."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(f"prompt is not valid Unicode text ({err.reason} at character {err.start})", "prompt") from err
+        ids = self.base.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise RequestError("prompt: empty (it encodes to no tokens)", "prompt")
+        return ids
 
     # -- generation ----------------------------------------------------------------------
     def loop(self) -> ContinuousBatcher:

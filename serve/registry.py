@@ -5,13 +5,18 @@ its tensors, its base, its chat template), never on its first request. A malform
 shape becomes one rejection with its reason; it never stops a scan. Clients name adapters; only
 the registry maps a name to a folder. A replaced adapter gets a new key (name@version), so
 requests already running on the old version finish on it.
+
+Besides the store's adapters, the registry holds those loaded at runtime (`add_runtime`, behind
+`POST /v1/load_lora_adapter`): checked the same way, kept apart from the store's so that no scan
+removes them, and served until `remove_runtime`. Where a name is both, the runtime load is served.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from adapters.card import AdapterCard
@@ -43,6 +48,9 @@ class AdapterEntry:
     """The resolved version folder; it never changes under a running request."""
     card: AdapterCard | None
     rank: int
+    version: str = ""
+    """What tells this version apart in `key`: '' for the store's, whose version folder's name
+    does; a runtime load's own tag ('runtime3'), since any folder's name may repeat."""
 
     @property
     def key(self) -> str:
@@ -51,7 +59,7 @@ class AdapterEntry:
         peft refuses '.' in adapter names; '%' never occurs in a name or a version, so the
         replacement keeps keys unique.
         """
-        return f"{self.name}@{self.path.name}".replace(".", "%")
+        return f"{self.name}@{self.version or self.path.name}".replace(".", "%")
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,9 @@ class AdapterRegistry:
         self._entries: dict[str, AdapterEntry] = {}
         # name -> (what was refused, as `_refusal_key` gives it; why)
         self._rejected: dict[str, tuple[object, Rejection]] = {}
+        self._runtime: dict[str, AdapterEntry] = {}
+        """Adapters loaded at runtime, by name: never touched by `refresh`."""
+        self._runtime_tags = itertools.count(1)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -202,12 +213,58 @@ class AdapterRegistry:
             return Rejection(name, f"could not be checked: {type(err).__name__}: {err}")
         return AdapterEntry(name, folder, adapter.card, adapter.config["r"])
 
+    # -- runtime loads ----------------------------------------------------------------------
+    def add_runtime(self, name: str, folder: Path, replace_runtime: bool = False) -> AdapterEntry | Rejection:
+        """Check `folder` as a store entry is checked and serve it as `name` until `remove_runtime`,
+        whatever the store's scans find. The caller confines `folder` to where adapters may be read
+        (serve/management.py); this checks the adapter in it. The Rejection says why not: the
+        checker's reason, or a name served already (replace_runtime: a runtime load may be replaced)."""
+        taken = self._name_taken(name, replace_runtime)
+        if taken:
+            return Rejection(name, taken)
+        outcome = self._register(name, folder)
+        if isinstance(outcome, Rejection):
+            return outcome
+        entry = replace(outcome, version=f"runtime{next(self._runtime_tags)}")
+        with self._lock:  # checked again: the store may have published the name while the check ran
+            taken = self._name_taken_locked(name, replace_runtime)
+            if not taken:
+                self._runtime[name] = entry
+        if taken:
+            return Rejection(name, taken)
+        log.info("adapters: loaded %r from %s at runtime", name, folder)
+        return entry
+
+    def _name_taken(self, name: str, replace_runtime: bool) -> str | None:
+        with self._lock:
+            return self._name_taken_locked(name, replace_runtime)
+
+    def _name_taken_locked(self, name: str, replace_runtime: bool) -> str | None:
+        if name in self._runtime and not replace_runtime:
+            return f"{name!r} is loaded already (from {self._runtime[name].path})"
+        if name in self._entries and name not in self._runtime:
+            return f"{name!r} is served from the adapter store already ({self._entries[name].path})"
+        return None
+
+    def remove_runtime(self, name: str) -> AdapterEntry | None:
+        """Stop serving a runtime load (its folder stays as it is); None when `name` is none."""
+        with self._lock:
+            entry = self._runtime.pop(name, None)
+        if entry is not None:
+            log.info("adapters: unloaded %r (loaded at runtime from %s)", name, entry.path)
+        return entry
+
+    def runtime_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._runtime)
+
+    # -- lookups -------------------------------------------------------------------------
     def resolve(self, name: str) -> AdapterEntry | None:
         """The adapter a request names; None for the base. UnknownAdapterError names the choices."""
         if name == BASE_NAME:
             return None
         with self._lock:
-            entry = self._entries.get(name)
+            entry = self._runtime.get(name) or self._entries.get(name)
             rejection = self._rejected.get(name)
         if entry is None:
             raise UnknownAdapterError(name, self.available(), rejection[1].reason if rejection else None)
@@ -215,11 +272,12 @@ class AdapterRegistry:
 
     def available(self) -> list[str]:
         with self._lock:
-            return [BASE_NAME, *sorted(self._entries)]
+            return [BASE_NAME, *sorted(self._entries.keys() | self._runtime.keys())]
 
     def servable(self) -> list[AdapterEntry]:
         with self._lock:
-            return [self._entries[n] for n in sorted(self._entries)]
+            served = {**self._entries, **self._runtime}
+        return [served[n] for n in sorted(served)]
 
     def rejected(self) -> list[Rejection]:
         with self._lock:

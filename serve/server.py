@@ -5,7 +5,8 @@
 Who may use it:
 
 - `--api-key KEY` (or $LORASWAP_API_KEY, which `ps` does not show) puts the API behind
-  `Authorization: Bearer KEY`.
+  `Authorization: Bearer KEY`, and /metrics too unless `--open-metrics`; /health stays open
+  (serve/metrics.py, docs/fleet.md).
 - `--auth user:password` (one login per flag; repeat it for several), `--auth-file FILE` or
   $LORASWAP_AUTH (one `user:password` per line) put a login in front of the UI. A login splits at
   its first colon and the password is the rest, verbatim: commas, colons and spaces are part of
@@ -18,8 +19,8 @@ Who may use it:
   decides access to its routes from its session cookie alone, so a bearer header there is not
   accepted: honouring one would mean writing into Gradio's private session table.
 - Failed logins are throttled by client address (`ThrottleConfig`): a wrong password on the UI's
-  /login and a wrong key on /v1 both count; past the limit that address gets 429 on both for a
-  while. Behind a proxy every client shares the proxy's address: put the throttle there instead.
+  /login and a wrong key on /v1 or /metrics all count; past the limit that address gets 429 on
+  them for a while. Behind a proxy every client shares the proxy's address: put the throttle there instead.
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def _credential_route(scope) -> str | None:
     path = scope["path"]
     if scope["method"] == "POST" and path.rstrip("/") == "/login":
         return "login"
-    if path == "/v1" or path.startswith("/v1/"):
+    if path == "/v1" or path.startswith("/v1/") or path == "/metrics":  # /metrics takes the API key too
         return "api"
     return None
 
@@ -258,13 +259,14 @@ def _too_many_failures(wait: float):
     return JSONResponse({"error": error}, status_code=429, headers={"Retry-After": str(seconds)})
 
 
-def make_app(service, access: AccessConfig, limits=None):
+def make_app(service, access: AccessConfig, limits=None, fleet=None):
     """The FastAPI app: API routes first, the Gradio UI mounted at /, the login throttle over both.
-    limits: `serve.api.ApiLimits` (its defaults when None)."""
+    limits: `serve.api.ApiLimits` (its defaults when None); fleet: `serve.management.FleetSettings`
+    (runtime loading off, /metrics behind the key, when None)."""
     from serve.api import ApiLimits, build_api
     from serve.ui import mount_ui
 
-    app = mount_ui(build_api(service, access.api_key, limits or ApiLimits()), service, access)
+    app = mount_ui(build_api(service, access.api_key, limits or ApiLimits(), fleet), service, access)
     app.add_middleware(ThrottleMiddleware, throttle=FailureThrottle(access.throttle))
     return app
 
@@ -287,7 +289,7 @@ def _exit_on_signal(_signum: int, _frame) -> None:
     raise SystemExit(0)  # asked to stop, and stopped cleanly
 
 
-def run(service, access: AccessConfig, sock: socket.socket, limits=None) -> None:
+def run(service, access: AccessConfig, sock: socket.socket, limits=None, fleet=None) -> None:
     """Serve on `sock` (from `bind`) until SIGINT or SIGTERM; requests still running
     GRACEFUL_SHUTDOWN_S later are cancelled. uvicorn then raises the signal again; for SIGTERM
     that is SystemExit(0) here, so the caller's cleanup (`Service.close`) runs before the process ends."""
@@ -297,7 +299,7 @@ def run(service, access: AccessConfig, sock: socket.socket, limits=None) -> None
 
     signal.signal(signal.SIGTERM, _exit_on_signal)  # the handler uvicorn restores and re-raises into
 
-    app = make_app(service, access, limits)
+    app = make_app(service, access, limits, fleet)
     warning = exposure_warning(access)
     if warning:
         print(warning, file=sys.stderr)

@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
 from adapters.base import DEFAULT_BASE
 from adapters.cli import AT_LEAST_ONE, POSITIVE, opt
 from serve.batcher import Stream
-from serve.engine import ChatRequest, ChatResult, Engine, SamplingParams, ServeLimits
-from serve.registry import BASE_NAME, AdapterRegistry
+from serve.engine import ChatRequest, ChatResult, Engine, RequestError, SamplingParams, ServeLimits
+from serve.registry import BASE_NAME, AdapterEntry, AdapterRegistry, Rejection
 from serve.routing import KERNELS, LoraRouter
 from serve.slots import DecodeSettings
 
@@ -30,6 +31,17 @@ MAX_COMPARE = 6
 
 class BusyError(RuntimeError):
     """The server holds its maximum number of requests; the caller should retry later."""
+
+
+class RequestObserver(Protocol):
+    """What watches the requests a Service takes (serve/metrics.py). Called in the submitting
+    thread; `adapter` is always a servable name or 'base' (an unknown name never gets this far)."""
+
+    def queued(self, adapter: str, stream: Stream) -> None:
+        """A request was queued; `stream` ends when it does."""
+
+    def refused(self, adapter: str, reason: str) -> None:
+        """A request was refused before it was queued: 'busy', or its RequestError's code."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ class Service:
         self._permits = threading.BoundedSemaphore(config.max_queue)
         self._held = 0
         self._held_lock = threading.Lock()
+        self._observers: list[RequestObserver] = []
 
     @classmethod
     def start(cls, config: ServiceConfig) -> "Service":
@@ -121,13 +134,28 @@ class Service:
         BusyError when the server already holds its maximum. Every queued request ends (its
         stream finishes, with or without an error), and its permit comes back then.
         """
-        prepared = self.engine.prepare(request)
+        try:
+            prepared = self.engine.prepare(request)
+        except RequestError as err:
+            self._refused(request.adapter, err.code)
+            raise
         if not self._permits.acquire(blocking=False):
+            self._refused(request.adapter, "busy")
             raise BusyError(f"server busy: {self.config.max_queue} requests are already waiting or running; retry shortly")
         self._count(+1)
         stream = self.batcher.submit(prepared)
         stream.add_done_callback(self._release)
+        for observer in self._observers:
+            observer.queued(request.adapter, stream)
         return stream
+
+    def observe_requests(self, observer: RequestObserver) -> None:
+        """Tell `observer` about every request submitted from now on."""
+        self._observers.append(observer)
+
+    def _refused(self, adapter: str, reason: str) -> None:
+        for observer in self._observers:
+            observer.refused(adapter, reason)
 
     def _count(self, change: int) -> None:
         with self._held_lock:
@@ -149,11 +177,17 @@ class Service:
         """The same prompt to several adapters, submitted together so they decode as one mixed batch."""
         if not 1 <= len(adapters) <= MAX_COMPARE:
             raise ValueError(f"compare takes 1 to {MAX_COMPARE} adapters, got {len(adapters)}")
+        return self.submit_all([ChatRequest(name, tuple(messages), params) for name in adapters])
+
+    def submit_all(self, requests: list[ChatRequest]) -> list[Stream]:
+        """Submit requests together, so they decode as rows of one batch (compare, an API request's
+        `n` choices); when one cannot be queued, the ones already queued are cancelled and its
+        error raised (submit's)."""
         streams: list[Stream] = []
         try:
-            for name in adapters:
-                streams.append(self.submit(ChatRequest(name, tuple(messages), params)))
-        except BusyError:
+            for request in requests:
+                streams.append(self.submit(request))
+        except Exception:
             for stream in streams:
                 stream.cancel()
             raise
@@ -222,6 +256,30 @@ class Service:
 
     def unload(self, name: str) -> bool:
         return self.engine.evict(name)
+
+    def load_runtime_adapter(self, name: str, folder: Path, replace: bool = False) -> AdapterEntry | Rejection:
+        """Serve the adapter in `folder` as `name` until `unload_runtime_adapter`, checked as the
+        store's are; `folder` must already be confined to where adapters may be read
+        (serve/management.py). Its weights load on its first request, as a store adapter's do."""
+        old = self.registry.resolve(name) if replace and name in self.registry.runtime_names() else None
+        outcome = self.registry.add_runtime(name, folder, replace_runtime=replace)
+        if old is not None and isinstance(outcome, AdapterEntry):
+            self.engine.forget(old.key)
+        return outcome
+
+    def unload_runtime_adapter(self, name: str) -> AdapterEntry | None:
+        """Stop serving a runtime-loaded adapter and free its weights; its folder is left as it is.
+        None when `name` was not loaded at runtime."""
+        entry = self.registry.remove_runtime(name)
+        if entry is not None:
+            self.engine.forget(entry.key)
+        return entry
+
+    def health(self) -> str | None:
+        """Why the server cannot serve now; None when it can."""
+        if not self.batcher.is_alive():
+            return "the decode loop has stopped"
+        return None
 
 
 def timed(stream: Stream, started: float, timing: Timing):

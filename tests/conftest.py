@@ -1,4 +1,8 @@
-"""Fixtures: a tiny Llama base (random weights, the demo tokenizer trained small) built in seconds."""
+"""Fixtures: a tiny Llama base (random weights, the demo tokenizer trained small) built in seconds.
+
+torch, transformers, peft and the project are imported inside the functions that use them, not
+here: under `pytest -n` (make test-fast) the controlling process loads this file but runs no
+test, and importing them there would add their import time to every run."""
 
 from __future__ import annotations
 
@@ -11,16 +15,15 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-import torch
-from filelock import FileLock
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from typing import TYPE_CHECKING
 
-from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
-from serve.engine import ChatRequest, Engine, SamplingParams
-from serve.registry import AdapterRegistry
-from serve.slots import DecodeSettings
+import pytest
+from filelock import FileLock
+
+if TYPE_CHECKING:
+    from adapters import AdapterStore
+    from serve.engine import ChatRequest, Engine
+    from serve.slots import DecodeSettings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -28,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_tiny_base(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from demo.base import train_tokenizer
@@ -89,6 +93,10 @@ PROMPTS = ["Color of cat?", "Say this back: red hill", "What is 3 + 4?", "Echo: 
 
 def random_adapter(base_path: Path, seed: int):
     """A LoRA with random A and B (init_lora_weights=False): its outputs differ from the base's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_path)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
@@ -102,6 +110,9 @@ def save_random_adapter(store: AdapterStore, name: str, base_path: Path, seed: i
 
 @pytest.fixture(scope="module")
 def served(tiny_base, tmp_path_factory):
+    from adapters import AdapterStore, BaseConfig, BaseShape, load_base
+    from serve.registry import AdapterRegistry
+
     store = AdapterStore(tmp_path_factory.mktemp("store"))
     for i, name in enumerate(["a", "b", "c", "d"]):
         save_random_adapter(store, name, tiny_base, seed=i + 10)
@@ -111,13 +122,21 @@ def served(tiny_base, tmp_path_factory):
     return store, base, registry
 
 
-def new_engine(tiny_base, registry, max_loaded: int = 4, decode: DecodeSettings = DecodeSettings(deterministic=True)) -> Engine:
+def new_engine(tiny_base, registry, max_loaded: int = 4, decode: DecodeSettings | None = None) -> Engine:
     """An engine on its own copy of the base: peft injects adapters into the model it wraps.
     Deterministic unless asked otherwise: tests compare its answers across batches."""
+    from adapters import BaseConfig, load_base
+    from serve.engine import Engine
+    from serve.slots import DecodeSettings
+
+    decode = decode or DecodeSettings(deterministic=True)
     return Engine(load_base(BaseConfig(str(tiny_base))), registry, max_loaded=max_loaded, decode=decode)
 
 
 def request(adapter: str, prompt: str = PROMPTS[0], **params) -> ChatRequest:
+    from adapters import Message
+    from serve.engine import ChatRequest, SamplingParams
+
     return ChatRequest(adapter, (Message("user", prompt),), SamplingParams(**{"max_new_tokens": 6, **params}))
 
 
@@ -135,6 +154,7 @@ ANIMAL_SIZES = {"cat": "small", "dog": "big", "bird": "tiny", "fish": "small", "
 
 def train_two_adapters(base: Path, root: Path) -> AdapterStore:
     """'colors' and 'sizes': two adapters trained on the tiny base, each answering its own task."""
+    from adapters import AdapterStore
     from train.__main__ import main as train_cli
 
     store = AdapterStore(root / "store")
@@ -158,9 +178,10 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn in a thread on a free loopback port; `url` once it accepts connections."""
+    """uvicorn in a thread on a free loopback port; `url` once it accepts connections.
+    app_options: `make_app`'s keywords (limits, fleet)."""
 
-    def __init__(self, service, access):
+    def __init__(self, service, access, **app_options):
         import threading
 
         import uvicorn
@@ -169,7 +190,7 @@ class LiveServer:
 
         self.service, self.access = service, access
         self.url = f"http://{access.host}:{access.port}"
-        config = uvicorn.Config(make_app(service, access), host=access.host, port=access.port, log_level="warning")
+        config = uvicorn.Config(make_app(service, access, **app_options), host=access.host, port=access.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -190,9 +211,11 @@ class LiveServer:
 
 
 def start_service(base: Path, store: AdapterStore, max_queue: int = 32, reports: Path | None = None,
-                  decode: DecodeSettings = DecodeSettings()):
+                  decode: DecodeSettings | None = None):
     from serve.service import Service, ServiceConfig
+    from serve.slots import DecodeSettings
 
+    decode = decode or DecodeSettings()
     reports = reports or store.root.parent / "reports"  # never the repository's own reports/
     return Service.start(ServiceConfig(base=str(base), adapters=str(store.root), max_queue=max_queue, watch_s=0.2,
                                        reports=str(reports), decode=decode))
@@ -203,6 +226,8 @@ def two_adapters(tiny_base, tmp_path_factory, pytestconfig) -> AdapterStore:
     """Trained once per machine and code: the store is a pure function of the code that builds
     the tiny base and trains (their sources are in the key), the library versions and the CPU,
     so a later session copies it rather than spending half a minute retraining it."""
+    from adapters import AdapterStore
+
     scratch = tmp_path_factory.mktemp("two-adapters-built")
     built = build_once(pytestconfig, "two-adapters", TRAINING_SOURCES, lambda folder: train_two_adapters(tiny_base, folder),
                        scratch / "built")

@@ -100,7 +100,7 @@ BAD_BODIES = {  # case: (body, the field the error names (None: the body as a wh
     "lone surrogate in the model": ('{"model": "\\ud800", "messages": []}', "model", "lone UTF-16 surrogate"),
     "seed of 2**64": (body_text(', "seed": 18446744073709551616'), "seed", "less than 18446744073709551616"),
     "negative seed": (body_text(', "seed": -1'), "seed", "greater than or equal to 0"),
-    "unknown role": (body_text(messages='{"role": "tool", "content": "hi"}'), "messages[0].role", "'system', 'user' or 'assistant'"),
+    "unknown role": (body_text(messages='{"role": "tool", "content": "hi"}'), "messages[0].role", "'system', 'developer', 'user' or 'assistant'"),
     "no messages": (body_text(messages=""), "messages", "at least 1 item"),
     "too many messages": (with_fields(messages=[{"role": "user", "content": "hi"}] * (LIMITS.max_messages + 1)),
                           "messages", f"{LIMITS.max_messages + 1} messages, more than the server's limit of {LIMITS.max_messages}"),
@@ -197,10 +197,10 @@ def test_gradios_own_routes_keep_gradios_answers(hostile):
 
 
 def test_an_unexpected_exception_is_an_openai_shaped_500_logged_with_its_traceback(hostile, monkeypatch, caplog):
-    def broken() -> list[str]:
+    def broken() -> list:
         raise RuntimeError("registry on fire")
 
-    monkeypatch.setattr(hostile.service, "model_names", broken)
+    monkeypatch.setattr(hostile.service.registry, "servable", broken)  # what /v1/models lists
     with caplog.at_level(logging.ERROR, logger="serve.api"):
         response = httpx.get(f"{hostile.url}/v1/models", headers=AUTH)
     error = error_of(response, 500)
@@ -215,14 +215,14 @@ def test_an_unexpected_exception_is_an_openai_shaped_500_logged_with_its_traceba
 def streams(hostile, monkeypatch) -> list:
     """Every stream the service hands out during the test, in order."""
     seen: list = []
-    chat = hostile.service.chat
+    submit_all = hostile.service.submit_all
 
     def spy(*args, **kwargs):
-        stream = chat(*args, **kwargs)
-        seen.append(stream)
-        return stream
+        streams = submit_all(*args, **kwargs)
+        seen.extend(streams)
+        return streams
 
-    monkeypatch.setattr(hostile.service, "chat", spy)
+    monkeypatch.setattr(hostile.service, "submit_all", spy)
     return seen
 
 

@@ -11,10 +11,11 @@ from gradio_client import Client
 
 from adapters import Message
 from serve.engine import SamplingParams
-from serve.server import GRACEFUL_SHUTDOWN_S, AccessConfig, exposure_warning, parse_logins
+from serve.server import AccessConfig, exposure_warning, parse_logins
 from tests.conftest import LiveServer, free_port, start_service
 
 USER, PASSWORD, KEY = "ana", "s3cret-pass", "test-key-123"
+TEST_GRACE_S = 0.5
 QUESTIONS = {"colors": "Color of cat?", "sizes": "Size of dog?"}
 
 
@@ -23,7 +24,9 @@ def live(tiny_base, two_adapters):
     service = start_service(tiny_base, two_adapters, max_queue=4)
     access = AccessConfig("127.0.0.1", free_port(), ((USER, PASSWORD),), KEY)
     server = LiveServer(service, access)
-    server.server.config.timeout_graceful_shutdown = GRACEFUL_SHUTDOWN_S  # gradio_client's heartbeat stays connected
+    # gradio_client's heartbeat stays connected, so shutting down always waits out the grace period:
+    # the server's own (GRACEFUL_SHUTDOWN_S) is for requests in flight, of which a test has none left
+    server.server.config.timeout_graceful_shutdown = TEST_GRACE_S
     with server:
         yield server
 

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, AdapterNameError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not result.published:  # another process of the launch wrote the adapter and says so
+        return 0
     card = result.card
     metric = card.metric
     print(f"saved {result.adapter_dir}")

@@ -24,7 +24,7 @@ class Progress:
     epoch: int = 0
     step_in_epoch: int = 0
     tokens: int = 0
-    """Real (non-padding) tokens processed."""
+    """Real (non-padding) tokens processed, by all the processes of a launch together."""
     elapsed_s: float = 0.0
     eval_s: float = 0.0
     """Of elapsed_s, the time spent scoring between epochs (left out of tokens/s)."""

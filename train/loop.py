@@ -1,8 +1,10 @@
 """The QLoRA training loop, readable top to bottom: data, base, LoRA, steps, eval, save.
 
-One process: `python -m train ...`. Several GPUs: `accelerate launch -m train ...`; each
-process loads its own 4-bit copy of the base on its own GPU and trains on its share of the
-batches, and gradients are averaged by DDP.
+One process: `python -m train ...`. Several: `accelerate launch --config_file
+configs/accelerate/ddp.yaml -m train ...` (GPUs) or `.../cpu-ddp.yaml` (CPU processes over gloo);
+each process loads its own 4-bit copy of the base and runs its share of every optimizer step's
+micro-batches, and DDP averages the gradients. The losses are those of one process running the
+whole step (docs/training.md#several-processes).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler, set_seed
@@ -78,6 +80,9 @@ class PreparedData:
 class TrainResult:
     adapter_dir: Path
     card: AdapterCard
+    published: bool = True
+    """This process wrote the adapter: the only process, or the main one of several (the others
+    return once it is published)."""
 
 
 def linear_module_names(base_path: str, trust_remote_code: bool = False) -> tuple[set[str], int]:
@@ -269,7 +274,8 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     """Train one adapter and publish it in the store. Nothing is written before data and settings check out.
 
     TrainingDiverged when the loss (every step), the trained LoRA weights or the final eval loss
-    are inf or NaN: the store is left untouched.
+    are inf or NaN: the store is left untouched. Under a launcher's several processes only the
+    main one publishes (`TrainResult.published`); every process returns once it has.
     """
     store = store or AdapterStore(config.store_dir)
     set_seed(config.seed)
@@ -279,7 +285,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     tokenizer, _ = load_tokenizer(config.base.path, config.base.trust_remote_code)
     data = prepare_data(config, tokenizer)
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator(resolve_device(config.base.device))
     base = load_base(config.base)
     n_layers = base.model.config.num_hidden_layers
     stops = plan_stops(config, base, data, accelerator)
@@ -287,6 +293,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = _count_params(model)
     if under_fsdp():
+        use_peft_fsdp_wrapping(accelerator, model)
         model = accelerator.prepare(model)  # FSDP wraps first; the optimizer must see the sharded parameters
     optimizer = make_optimizer(model, config, base.device)
 
@@ -300,6 +307,10 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
         num_training_steps=total_steps,
     )
     model, optimizer = (model, accelerator.prepare(optimizer)) if under_fsdp() else accelerator.prepare(model, optimizer)
+    if accelerator.num_processes > 1:
+        # The LoRA init above is the same everywhere (and DDP copies rank 0's anyway); from here on each
+        # process draws its own dropout masks, not the same stream as every other process.
+        set_seed(config.seed + accelerator.process_index)
 
     run_dir = Path(config.runs_dir) / config.name / "checkpoints"
     progress = Progress(config_digest=config_digest(config))
@@ -348,14 +359,50 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     after = probe_stops(unwrapped, probe_sample(data.train, config.stop.probe_examples, config.seed), base.stop_token_ids,
                         pad_id, device)
     card = _build_card(config, base, data, progress, steps_per_epoch, trainable, total_params, final_eval, metric,
-                       stop_rows_info(stops, after, config))
-    if not accelerator.is_main_process:
-        return TrainResult(store.path(config.name), card)
-    if config.checkpoint_every:
-        save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress)
-    path = save_adapter(store, unwrapped, tokenizer, card)
-    log.info("saved adapter %s: exact match base %.3f -> adapter %.3f", path, metric.base, metric.adapter)
-    return TrainResult(path, card)
+                       stop_rows_info(stops, after, config), accelerator.num_processes)
+    if accelerator.is_main_process:
+        if config.checkpoint_every:
+            save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress)
+        path = save_adapter(store, unwrapped, tokenizer, card)
+        log.info("saved adapter %s: exact match base %.3f -> adapter %.3f", path, metric.base, metric.adapter)
+    # No process returns (and so no launcher sees the job end) before the adapter is published.
+    accelerator.wait_for_everyone()
+    return TrainResult(store.path(config.name), card, accelerator.is_main_process)
+
+
+def make_accelerator(device: torch.device) -> Accelerator:
+    """This process's Accelerator: the only process, or one of several started by a launcher.
+
+    `cpu` follows the base's device: processes launched for a CPU base then join over gloo
+    (MULTI_CPU) whichever launcher started them; without it, on a machine with no GPU each would
+    train alone on all the data and each would publish the adapter. ConfigError for an FSDP
+    launch that cannot get FSDP, before accelerate is set up.
+    """
+    if under_fsdp() and device.type == "cpu":
+        raise ConfigError(
+            "an FSDP config was launched for a CPU base: accelerate turns FSDP on only for GPU-class devices "
+            "(CPU processes get DDP; docs/training.md#fsdp-on-the-cpu). On the CPU use configs/accelerate/cpu-ddp.yaml")
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if under_fsdp() and accelerator.distributed_type != DistributedType.FSDP:
+        # Else the FSDP code paths here and in adapters/base.py would run without FSDP.
+        raise ConfigError(f"ACCELERATE_USE_FSDP=true but accelerate set up {accelerator.distributed_type.value}, not FSDP: "
+                          "launch with `accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml -m train ...`")
+    return accelerator
+
+
+def use_peft_fsdp_wrapping(accelerator: Accelerator, model) -> None:
+    """Give every LoRA matrix its own FSDP unit, as peft's policy does (the HF Trainer sets it too).
+
+    FSDP1 flattens each unit's parameters into one tensor, which must be all trainable or all
+    frozen unless use_orig_params: a decoder block holding both its frozen 4-bit weights and its
+    LoRA matrices is refused ("Must flatten tensors with uniform `requires_grad`"), as
+    fsdp-qlora.yaml's TRANSFORMER_BASED_WRAP alone would make it.
+    """
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 1 and not plugin.use_orig_params:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
 def plan_stops(config: TrainConfig, base: LoadedBase, data: PreparedData, accelerator: Accelerator) -> StopRowsPlan:
@@ -382,15 +429,28 @@ def stop_rows_info(plan: StopRowsPlan, after: StopProbe, config: TrainConfig) ->
 
 
 def epoch_windows(lengths: list[int], config: TrainConfig, epoch: int, accelerator: Accelerator) -> list[list[list[int]]]:
-    """This process's optimizer steps for one epoch, each a list of micro-batches of example indices.
+    """One epoch's optimizer steps, each a list of micro-batches of example indices: grad_accum
+    micro-batches for each process (fewer in the last step); every process gets the same list
+    and runs its share of each step (`local_share`).
 
     Examples of similar length share a micro-batch, so little of each forward pass is padding.
-    The order depends only on (seed, epoch): a resumed run sees the same order.
+    The order depends only on (seed, epoch): a resumed run sees the same order, and P processes
+    with accumulation A see the same steps as one process with accumulation P x A.
     """
     order = length_grouped_batches(lengths, config.optim.micro_batch_size, config.seed + epoch)
-    order = order[accelerator.process_index :: accelerator.num_processes]
-    accum = config.optim.grad_accum
-    return [order[i : i + accum] for i in range(0, len(order), accum)]
+    per_step = config.optim.grad_accum * accelerator.num_processes
+    return [order[i : i + per_step] for i in range(0, len(order), per_step)]
+
+
+def local_share(micro: list[dict], accelerator: Accelerator) -> tuple[list[dict], int]:
+    """This process's micro-batches of a step, and the weight (1 or 0) of their loss.
+
+    Process r takes micro[r::P]. One left without any (a last step with fewer micro-batches than
+    processes) runs the step's first with weight 0: its backward still meets the others' gradient
+    all-reduce, which would otherwise wait for it, and adds nothing to it.
+    """
+    share = micro[accelerator.process_index :: accelerator.num_processes]
+    return (share, 1) if share else (micro[:1], 0)
 
 
 def run_steps(model, items: list[Tokenized], pad_id: int, optimizer, scheduler, accelerator: Accelerator,
@@ -415,6 +475,10 @@ def train_step(model, micro: list[dict], optimizer, scheduler, accelerator: Acce
     TrainingDiverged when that loss is inf or NaN (the loss is read every step anyway).
     """
     loss = accumulate_gradients(model, micro, accelerator, progress)
+    if accelerator.num_processes > 1:
+        # The whole step's loss in every process: the curve is one process's, and a divergence
+        # stops every process at the same step.
+        loss = accelerator.reduce(loss, reduction="sum")
     if config.optim.max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
     optimizer.step()
@@ -448,21 +512,25 @@ def check_finite_weights(model, step: int) -> None:
 
 
 def accumulate_gradients(model, micro: list[dict], accelerator: Accelerator, progress: Progress) -> torch.Tensor:
-    """Backward over one optimizer step's micro-batches (still on the CPU); returns the step's loss
-    per target token, on the device, unread.
+    """Backward over this process's share of one optimizer step's micro-batches (all still on the
+    CPU); returns the share's summed loss over the step's target-token count, on the device,
+    unread (summed over processes, the step's loss per target token).
 
-    Each micro-batch's summed loss is divided by the whole window's target-token count, so the
-    accumulated gradient is the same as one big batch's. DDP syncs only on the last micro-batch.
+    Each micro-batch's summed loss is divided by the whole step's target-token count, over every
+    process's micro-batches, and multiplied by the process count, which DDP's gradient average
+    divides again: the gradient is the same as one big batch's in one process. DDP syncs only on
+    the share's last micro-batch.
     """
     window_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+    share, weight = local_share(micro, accelerator)
     total = torch.zeros((), device=accelerator.device)
-    for j, batch in enumerate(micro):
-        last = j == len(micro) - 1
+    for j, batch in enumerate(share):
+        last = j == len(share) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             loss_sum, _ = token_loss_sum(model, batch, accelerator.device)
-            accelerator.backward(loss_sum / window_tokens)
-        total += loss_sum.detach()
-        progress.tokens += int(batch["attention_mask"].sum())
+            accelerator.backward(loss_sum * (weight * accelerator.num_processes) / window_tokens)
+        total += loss_sum.detach() * weight
+    progress.tokens += sum(int(m["attention_mask"].sum()) for m in micro)  # every process's: the job's throughput
     return total / window_tokens
 
 
@@ -523,7 +591,7 @@ def _versions() -> dict[str, str]:
 
 
 def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress, steps_per_epoch: int, trainable: int, total: int, final_eval: float, metric: MetricInfo,
-                stop_rows: StopRowsInfo | None = None) -> AdapterCard:
+                stop_rows: StopRowsInfo | None = None, processes: int = 1) -> AdapterCard:
     digest, size = file_digest(config.data.path)
     arch = (base.model.config.architectures or [type(base.model).__name__])[0]
     return AdapterCard(
@@ -538,7 +606,7 @@ def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress
             epochs=round(progress.step / steps_per_epoch, 3),
             steps=progress.step,
             learning_rate=config.optim.lr,
-            batch_size=config.optim.micro_batch_size * config.optim.grad_accum,
+            batch_size=config.optim.micro_batch_size * config.optim.grad_accum * processes,
             max_length=config.data.max_length,
             seed=config.seed,
             duration_s=round(progress.elapsed_s, 2),
