@@ -673,7 +673,7 @@ def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     """`token`'s log-probability under the row's raw logits, and the `top` likeliest tokens'."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(logprobs, top) if top else None
+    best = torch.topk(logprobs, min(top, logprobs.numel())) if top else None
     alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
     return TokenLogprob(token, float(logprobs[token]), alternatives)
 
@@ -682,7 +682,11 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
     """Greedy at temperature 0, else temperature, top-k and top-p sampling with the request's own generator."""
     if params.temperature == 0:
         return int(logits.argmax())
-    scores = logits / params.temperature
+    # Shifted by the maximum first (softmax and the top-k and top-p cuts do not change), and the
+    # temperature kept a normal float32: a vanishing one then sends the other tokens to -inf rather
+    # than the likeliest to +inf, or to 0/0, and the probabilities to NaN.
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    scores = (logits - logits.max()) / temperature
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

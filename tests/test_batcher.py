@@ -292,3 +292,15 @@ def test_trained_adapters_answer_alike_in_every_mode(mode, two_adapters, tiny_ba
         engine.close()
     assert together == alone
     assert together[:-1] == [*ANIMAL_COLORS.values(), *ANIMAL_SIZES.values()]
+
+
+def test_a_vanishing_temperature_samples_the_likeliest_token_instead_of_failing(served, tiny_base):
+    """Found by the schemathesis run: temperature 8e-187 made logits / temperature infinite and
+    the sampler's probabilities NaN. Sampling at any temperature that small is greedy decoding."""
+    _, _, registry = served
+    engine = new_engine(tiny_base, registry)
+    try:
+        greedy, tiny = engine.generate([request("a", PROMPTS[1]), request("a", PROMPTS[1], temperature=1e-300, seed=1)])
+    finally:
+        engine.close()
+    assert tiny.error is None and tiny.text == greedy.text
