@@ -2,9 +2,10 @@
 
 `make bench-grammar`: for each library, the time to prepare a tokenizer, to compile a JSON
 schema and `{"type": "json_object"}`, and per decode step to compute the allowed-token mask and
-advance the matcher, walking the tokens of a valid answer as a model would emit them. Prints each
-figure and llguidance's time over xgrammar's. The serving path (serve/grammar.py) uses the one
-this picks; docs/performance.md records the run.
+advance the matcher, walking the tokens of a valid answer as a model would emit them. Both
+libraries get the grammar the server enforces (serve/grammar.py): an optional leading space or
+newline, then compact JSON. Prints each figure and llguidance's time over xgrammar's;
+docs/performance.md#constrained-decoding records the run.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def walk_xgrammar(tokenizer, schema: dict | None, ids: list[int]) -> Timing:
 
     info, tok_ms = timed(lambda: xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer)))
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-    grammar, compile_ms = timed(lambda: compiler.compile_json_schema(json.dumps(schema)) if schema
-                                else compiler.compile_builtin_json_grammar())
+    lead = xgr.Grammar.from_ebnf('root ::= [ \\n]?')
+    text = json.dumps(schema or {"type": "object"})
+    grammar, compile_ms = timed(lambda: compiler.compile_grammar(
+        xgr.Grammar.concat(lead, xgr.Grammar.from_json_schema(text, any_whitespace=False))))
     matcher = xgr.GrammarMatcher(grammar)
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
     steps, allowed = [], True
@@ -73,8 +76,9 @@ def walk_llguidance(tokenizer, schema: dict | None, ids: list[int]) -> Timing:
     import llguidance.torch
 
     lltok, tok_ms = timed(lambda: llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer)))
-    grammar, compile_ms = timed(lambda: llguidance.LLMatcher.grammar_from_json_schema(
-        json.dumps(schema or {"type": "object"})))
+    compact = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+    lark = "start: /[ \\n]?/ obj\nobj: %json " + json.dumps({**(schema or {"type": "object"}), "x-guidance": compact})
+    grammar, compile_ms = timed(lambda: llguidance.LLMatcher.grammar_from_lark(lark))
     matcher, match_ms = timed(lambda: llguidance.LLMatcher(lltok, grammar))
     mask = llguidance.torch.allocate_token_bitmask(1, lltok.vocab_size)
     steps, allowed = [], True
