@@ -200,7 +200,10 @@ def documented(request_model: str | None, ok: type[BaseModel] | None, streams: b
     if ok is not None:
         responses[200] = {"model": ok, "description": "the answer"}
         if streams:
-            responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+            # One event each: `data:` a chunk as JSON (a chunk, an error, or [DONE] at the end).
+            event = {"type": "object", "required": ["data"],
+                     "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+            responses[200]["content"] = {"text/event-stream": {"schema": event}}
     extra = {}
     if request_model is not None:
         ref = {"$ref": f"#/components/schemas/{request_model}"}
@@ -315,7 +318,7 @@ async def _respond(request: Request, service: Service, body: ChatCompletionReque
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     prompts = 1 if chat else len(body.prompts())
     if body.stream:
-        chunks = Chunks(completion_id, body.model, chat, body.include_usage())
+        chunks = Chunks(completion_id, body.model, chat, body.include_usage(), service.base.tokenizer)
         return StreamingResponse(_sse(streams, chunks, prompts), media_type="text/event-stream")
     results = await _wait_all(streams, request)
     if results is None:
@@ -393,7 +396,7 @@ def _event(body: dict) -> str:
 
 def _pump(index: int, stream: Stream, merged: queue.Queue) -> None:
     """Move one choice's pieces into the request's merged queue; (index, None) when it ends."""
-    for piece in stream:
+    for piece in stream.pieces():
         merged.put((index, piece))
     merged.put((index, None))
 

@@ -3,7 +3,7 @@ engine's requests, and published in /openapi.json so that generated clients and 
 
 Fields OpenAI defines that this server does not use (`user`, `metadata`, `store`, ...) are
 ignored, as OpenAI ignores what it does not know; fields whose meaning it cannot honour
-(`tools`, streaming `logprobs`, `echo`) are refused with a 400 that says so, never dropped silently.
+(`tools`, `echo`) are refused with a 400 that says so, never dropped silently.
 """
 
 from __future__ import annotations
@@ -157,8 +157,6 @@ class ChatCompletionRequest(_Sampling):
             raise FieldError("tools", "this server does not call tools; leave `tools` out")
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "needs `logprobs: true`")
-        if self.logprobs and self.stream:
-            raise FieldError("logprobs", "not given with `stream: true` yet; ask without streaming")
         limit = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         messages = tuple(m.message() for m in self.messages)
@@ -185,8 +183,7 @@ class CompletionRequest(_Sampling):
             raise FieldError("prompt", "give at least one non-empty prompt")
         if len(prompts) * self.n > MAX_CHOICES:
             raise FieldError("prompt", f"{len(prompts)} prompts x n={self.n} is more than {MAX_CHOICES} choices in one request")
-        for name, unsupported in (("echo", self.echo), ("suffix", self.suffix), ("best_of", (self.best_of or 1) > 1),
-                                  ("logprobs", self.logprobs is not None and self.stream)):
+        for name, unsupported in (("echo", self.echo), ("suffix", self.suffix), ("best_of", (self.best_of or 1) > 1)):
             if unsupported:
                 raise FieldError(name, "not supported by this server; leave it out")
         params = self.sampling(self.max_tokens or COMPLETION_MAX_TOKENS, self.logprobs)

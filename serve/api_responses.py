@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from serve.batcher import Piece
 from serve.engine import ChatResult, TokenLogprob
 
 CONTEXT_TOKENS = 4
@@ -26,9 +27,10 @@ def _entry(text: str, logprob: float) -> dict:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-def chat_logprobs(tokenizer, entries: Sequence[TokenLogprob]) -> dict:
-    """`choices[i].logprobs` of a chat completion: `{"content": [...]}`, one item per reply token."""
-    content, before = [], []
+def chat_logprobs(tokenizer, entries: Sequence[TokenLogprob], before: list[int] | None = None) -> dict:
+    """`choices[i].logprobs` of a chat completion: `{"content": [...]}`, one item per reply token.
+    before: the reply's tokens ahead of these (a stream's earlier chunks); extended with these."""
+    content, before = [], before if before is not None else []
     for e in entries:
         item = _entry(token_text(tokenizer, before, e.token), e.logprob)
         item["top_logprobs"] = [_entry(token_text(tokenizer, before, t), lp) for t, lp in e.top]
@@ -37,9 +39,12 @@ def chat_logprobs(tokenizer, entries: Sequence[TokenLogprob]) -> dict:
     return {"content": content}
 
 
-def completion_logprobs(tokenizer, entries: Sequence[TokenLogprob]) -> dict:
-    """`choices[i].logprobs` of a raw completion: the legacy parallel lists."""
-    tokens, logprobs, top, offsets, before, offset = [], [], [], [], [], 0
+def completion_logprobs(tokenizer, entries: Sequence[TokenLogprob], before: list[int] | None = None,
+                        offset: int = 0) -> dict:
+    """`choices[i].logprobs` of a raw completion: the legacy parallel lists. before and offset: the
+    tokens and characters of the text ahead of these (a stream's earlier chunks); `before` is extended."""
+    tokens, logprobs, top, offsets = [], [], [], []
+    before = before if before is not None else []
     for e in entries:
         text = token_text(tokenizer, before, e.token)
         tokens.append(text)
@@ -77,11 +82,15 @@ def text_completion(results: Sequence[ChatResult], completion_id: str, model: st
 
 
 class Chunks:
-    """The stream chunks of one request, chat or raw completion, in OpenAI's shapes."""
+    """The stream chunks of one request, chat or raw completion, in OpenAI's shapes; it keeps each
+    choice's tokens and text so far, from which a chunk's log-probabilities take their text."""
 
-    def __init__(self, completion_id: str, model: str, chat: bool, include_usage: bool):
+    def __init__(self, completion_id: str, model: str, chat: bool, include_usage: bool, tokenizer):
         self.completion_id, self.model, self.chat, self.include_usage = completion_id, model, chat, include_usage
+        self.tokenizer = tokenizer
         self.created = int(time.time())
+        self._tokens: dict[int, list[int]] = {}
+        self._chars: dict[int, int] = {}
 
     def _body(self, choices: list[dict]) -> dict:
         body = {"id": self.completion_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -95,9 +104,19 @@ class Chunks:
         return self._body([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None}]) if self.chat else None
 
-    def piece(self, index: int, text: str) -> dict:
-        choice = {"delta": {"content": text}} if self.chat else {"text": text}
-        return self._body([{"index": index, **choice, "logprobs": None, "finish_reason": None}])
+    def piece(self, index: int, piece: Piece) -> dict:
+        choice = {"delta": {"content": piece.text}} if self.chat else {"text": piece.text}
+        return self._body([{"index": index, **choice, "logprobs": self._logprobs(index, piece), "finish_reason": None}])
+
+    def _logprobs(self, index: int, piece: Piece) -> dict | None:
+        if not piece.logprobs:
+            return None
+        before = self._tokens.setdefault(index, [])
+        if self.chat:
+            return chat_logprobs(self.tokenizer, piece.logprobs, before)
+        body = completion_logprobs(self.tokenizer, piece.logprobs, before, self._chars.get(index, 0))
+        self._chars[index] = self._chars.get(index, 0) + sum(len(t) for t in body["tokens"])  # as unstreamed offsets count
+        return body
 
     def finish(self, index: int, reason: str) -> dict:
         choice = {"delta": {}} if self.chat else {"text": ""}

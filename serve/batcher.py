@@ -37,8 +37,18 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What one step hands a caller: the reply's new text, and its tokens' log-probabilities when
+    the request asked for them (a step whose text is held back passes its tokens on with the next)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
 class Stream:
-    """What a caller holds: iterate for text pieces as they are generated, or wait for the result."""
+    """What a caller holds: iterate for text pieces as they are generated (`pieces()` for their
+    log-probabilities too), or wait for the result."""
 
     def __init__(self) -> None:
         self._pieces: queue.Queue = queue.Queue()
@@ -66,6 +76,10 @@ class Stream:
         fn(self.result)
 
     def __iter__(self):
+        return (piece.text for piece in self.pieces() if piece.text)
+
+    def pieces(self):
+        """Each step's `Piece` until the request ends."""
         while (piece := self._pieces.get()) is not _DONE:
             yield piece
 
@@ -74,10 +88,10 @@ class Stream:
             raise TimeoutError("request did not finish in time")
         return self.result
 
-    def _emit(self, piece: str) -> None:
+    def _emit(self, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         self.token_times.append(time.monotonic())
-        if piece:
-            self._pieces.put(piece)
+        if text or logprobs:
+            self._pieces.put(Piece(text, logprobs))
 
     def _finish(self, result: ChatResult) -> None:
         """End the request with `result`; only the first call counts."""
@@ -114,6 +128,8 @@ class Running:
     """With `SamplingParams.logprobs`: one per token in `tokens`."""
     picked: TokenLogprob | None = None
     """The log-probabilities of the token just picked, kept once `_append` keeps the token."""
+    sent: int = 0
+    """How many of `logprobs` the stream has handed over."""
 
     def __post_init__(self) -> None:
         self.stream.admitted_at = time.monotonic()  # admitted: it runs from the next step on
@@ -486,13 +502,15 @@ class ContinuousBatcher:
         seq.checked = len(text)
         final = finished or at is not None or len(seq.tokens) >= seq.max_new or seq.stream.cancelled.is_set()
         shown = text[:at] if at is not None else text
+        logprobs = self._kept_logprobs(seq, at if final else None)
         if final or not shown.endswith("\ufffd"):  # hold back half a multi-byte character
-            seq.stream._emit(shown[len(seq.text) :])
-            seq.text = shown
+            new = () if logprobs is None else logprobs[seq.sent:]
+            seq.stream._emit(shown[len(seq.text) :], new)
+            seq.text, seq.sent = shown, seq.sent + len(new)
         if final:
             reason = "length" if len(seq.tokens) >= seq.max_new and not finished and at is None else "stop"
             seq.stream._finish(ChatResult(seq.name, seq.text.strip(), len(seq.tokens), prompt_tokens=len(seq.prompt),
-                                          finish_reason=reason, logprobs=self._kept_logprobs(seq, at)))
+                                          finish_reason=reason, logprobs=logprobs))
         return not final
 
     def _kept_logprobs(self, seq: Running, cut: int | None) -> tuple[TokenLogprob, ...] | None:

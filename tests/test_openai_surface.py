@@ -207,3 +207,18 @@ def test_stop_and_seed_reach_the_engine(live, client):
     twice = [client.chat.completions.create(model="colors", messages=CAT, temperature=1.0, max_tokens=8, seed=11)
              .choices[0].message.content for _ in range(2)]
     assert twice[0] == twice[1] == direct(live.service, "colors", "Color of cat?", temperature=1.0, seed=11)
+
+
+def test_streamed_logprobs_are_the_unstreamed_ones_chunk_by_chunk(client):
+    whole = client.chat.completions.create(model="colors", messages=CAT, max_tokens=8, temperature=0, logprobs=True,
+                                           top_logprobs=2).choices[0].logprobs.content
+    chunks = client.chat.completions.create(model="colors", messages=CAT, max_tokens=8, temperature=0, logprobs=True,
+                                            top_logprobs=2, stream=True)
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in whole] and len(whole) == 3
+    complete = client.completions.create  # the legacy form, with its text offsets carried across chunks
+    raw = [c.choices[0].logprobs for c in complete(model="colors", prompt="Color of cat", max_tokens=6, temperature=0,
+                                                   logprobs=1, stream=True) if c.choices[0].logprobs]
+    alone = complete(model="colors", prompt="Color of cat", max_tokens=6, temperature=0, logprobs=1).choices[0].logprobs
+    assert [t for lp in raw for t in lp.tokens] == alone.tokens
+    assert [o for lp in raw for o in lp.text_offset] == alone.text_offset
