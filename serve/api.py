@@ -250,7 +250,15 @@ def _too_large(limit: int) -> ApiError:
 
 
 def parse_request(raw: bytes, limits: ApiLimits, model: type[BaseModel] = ChatCompletionRequest):
-    """The body as a checked `model` (a chat or a raw completion request), or a 400 naming what is wrong with it."""
+    """The body as a checked `model` (a chat or a raw completion request) within `limits`, or a 400
+    naming what is wrong with it."""
+    body = parse_body(raw, model)
+    check_limits(body, limits)
+    return body
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """The body as `model` (any request body under /v1), or a 400 naming what is wrong with it."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -264,12 +272,10 @@ def parse_request(raw: bytes, limits: ApiLimits, model: type[BaseModel] = ChatCo
     if not isinstance(data, dict):
         raise invalid(f"request body must be a JSON object, not {type(data).__name__}")
     try:
-        body = model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         raise invalid(first["msg"], field_name(first["loc"]) or None) from err
-    check_limits(body, limits)
-    return body
 
 
 def field_name(loc: tuple) -> str:

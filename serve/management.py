@@ -18,7 +18,6 @@ it (serve/registry.py). Its weights load on its first request, as a store adapte
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -29,11 +28,11 @@ from typing import Callable, Sequence
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.cli import opt
 from adapters.store import AdapterNameError, check_name
-from serve.api import ERROR_STATUSES, ApiError, documented, field_name, invalid, read_body
+from serve.api import ERROR_STATUSES, ApiError, documented, invalid, parse_body, read_body
 from serve.registry import BASE_NAME, AdapterEntry
 from serve.service import Service
 
@@ -163,21 +162,6 @@ def _disabled() -> ApiError:
     return ApiError(404, f"runtime adapter loading is off: start the server with {ENABLE_FLAG} (vLLM's "
                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING) to load and unload adapters over the API",
                     "invalid_request_error", "runtime_loading_disabled")
-
-
-def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    """The body as `model`, or a 400 naming what is wrong with it."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, nested too deeply
-        raise invalid(f"request body is not JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise invalid(f"request body must be a JSON object, not {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        raise invalid(first["msg"], field_name(first["loc"]) or None) from err
 
 
 def load_adapter(service: Service, roots: AdapterRoots, lock: threading.Lock, body: LoadLoRAAdapterRequest) -> str:

@@ -67,6 +67,8 @@ class TokenRowRouter:
         """Adapter key -> its rows (float32, on the CPU), for every loaded adapter that has any."""
         self.keys: list[str] = []
         """The resident adapters with token rows: key i has index i + 1."""
+        self._index: dict[str, int] = {}
+        """Key -> its index, for `set_rows` every step."""
         self._stacks: dict[str, RowStack | None] = {"input": None, "output": None}
         self._row_index = torch.zeros(0, dtype=torch.long)
         """[rows]: the current rows' indices, in a buffer whose address only a larger batch changes."""
@@ -86,6 +88,7 @@ class TokenRowRouter:
     def rebuild(self, resident: list[str]) -> None:
         """Stack the rows of the resident adapters that have any; hook the model while some do."""
         self.keys = [k for k in resident if k in self._host]
+        self._index = {key: i for i, key in enumerate(self.keys, start=1)}
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         self._stacks = {"input": self._stack([self._host[k].input for k in self.keys], embedding.weight),
                         "output": self._stack([self._host[k].output for k in self.keys], head.weight)}
@@ -124,8 +127,7 @@ class TokenRowRouter:
 
     def set_rows(self, keys: list[str | None]) -> None:
         """One adapter key per row of the next forward (None: the base)."""
-        index = {key: i for i, key in enumerate(self.keys, start=1)}
-        self._indices = [index.get(k, NONE) for k in keys] if self.keys else []
+        self._indices = [self._index.get(k, NONE) for k in keys] if self.keys else []
         if not self.active():
             return
         device = next(s for s in self._stacks.values() if s is not None).rows.device
