@@ -19,7 +19,7 @@ TRAIN_FLAGS = --name $(NAME) --data $(DATA) --base $(BASE) \
 	$(call opt,ACCUM,--grad-accum) $(call opt,MAX_LENGTH,--max-length) $(call opt,LAST_LAYERS,--last-layers) \
 	$(call opt,EVAL_DATA,--eval-data) $(ARGS)
 
-.PHONY: FORCE setup base data demo-adapters train params-table test test-fast check-invariance demo verify bench-serve bench-train bench-grammar bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
+.PHONY: FORCE setup base data demo-adapters train params-table test test-fast check-invariance demo verify bench-serve bench-train bench-train-serving bench-grammar bench-many bench-gpu serve serve-list serve-vllm screenshots sweep techniques eval clean-demo help
 
 help:
 	@echo "make demo            set up, build the demo base and adapters if missing or stale, start the server"
@@ -34,8 +34,10 @@ help:
 	@echo "make verify          reload every stored adapter with plain peft and recompute its metric"
 	@echo "make serve-list      servable and rejected adapters (python -m serve list / chat)"
 	@echo "make bench-serve     the engine vs one-at-a-time set_adapter serving (bench/results/serve.json)"
+	@echo "make bench-many      100 adapters on one base: distinct adapters per batch, LRU churn, memory (bench/results/many-adapters-*.json)"
 	@echo "make bench-grammar   xgrammar vs llguidance for JSON output on the CPU (bench/results/grammar.json)"
 	@echo "make bench-train     our training loop vs Trainer + peft on the CPU (bench/results/train.json)"
+	@echo "make bench-train-serving  batch-1 serving latency without and with a low-priority training run (bench/results/train-while-serving.json)"
 	@echo "make bench-gpu       Llama-3.2-1B and 3.1-8B shapes on a GPU; SIZE=tiny runs it on the CPU; STAGES=serving|training; SKIP=\"experiments\" (SKIP=none: all); PROFILE=1 adds profiles"
 	@echo "make serve-vllm      the vLLM multi-LoRA launch command for every servable adapter"
 	@echo "make sweep NAME= DATA= [RANKS=\"1 2 4 8 16 64\" ALPHAS= LRS=]   one adapter per setting, report in reports/"
@@ -105,7 +107,15 @@ bench-serve: setup $(BASE)/config.json demo-adapters
 bench-train: setup $(BASE)/config.json data/uppercase/train.jsonl
 	$(PY) -m bench.train --base $(BASE)
 
+# Batch-1 serving latency alone and while a Train-tab run trains at low priority (about two minutes).
+bench-train-serving: setup $(BASE)/config.json demo-adapters
+	$(PY) -m bench.train_while_serving --base $(BASE) --adapters $(ADAPTERS_DIR)
+
 # xgrammar against llguidance for response_format (bench/results/grammar.json)
+# 100 adapters on the demo base: distinct adapters per batch vs the base, LRU churn, memory per adapter.
+bench-many: setup $(BASE)/config.json demo-adapters
+	$(PY) -m bench.many_adapters --base $(BASE) --adapters $(ADAPTERS_DIR)
+
 bench-grammar: setup $(BASE)/config.json
 	$(PY) -m bench.grammar --tokenizer $(BASE) --json bench/results/grammar.json
 

@@ -3,6 +3,10 @@
 A card is strict JSON: every number in it is finite. It is refused when written with an inf or
 NaN (which Python's json would write as bare `NaN`, which no other JSON reader accepts) and when
 read with one, so a card that reads is a card whose metrics mean something.
+
+A card may carry `examples` (a few prompts of its eval set, for the UI's clickable examples) and
+`golden` prompts (a sample of its eval set with the expected replies, which the server's promotion
+gate replays: docs/versions.md). Cards written before either read with both empty.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from adapters.chat import ROLES, Message
 
 CARD_FILE = "card.json"
 CARD_VERSION = 1
@@ -119,6 +125,26 @@ class ChatInfo:
 
 
 @dataclass
+class ExamplePrompt:
+    """A prompt the chat can send as it is: what its eval set asks, and its system prompt if any."""
+
+    user: str
+    system: str | None = None
+
+
+@dataclass
+class GoldenPrompt:
+    """One eval prompt with the reply it expects, scored by exact match (`adapters.metric`)."""
+
+    messages: list[dict[str, str]]
+    """The conversation before the reply: {'role', 'content'} each, ending on a user turn."""
+    expected: str
+
+    def prompt(self) -> tuple[Message, ...]:
+        return tuple(Message(m["role"], m["content"]) for m in self.messages)
+
+
+@dataclass
 class AdapterCard:
     name: str
     task: str
@@ -134,6 +160,11 @@ class AdapterCard:
     """None on cards written before stop tokens were recorded."""
     stop_rows: StopRowsInfo | None = None
     """None on cards written before the stop tokens were probed."""
+    examples: list[ExamplePrompt] = field(default_factory=list)
+    """A few prompts of the eval set, for the UI's clickable examples (empty on older cards)."""
+    golden: list[GoldenPrompt] = field(default_factory=list)
+    """A sample of the eval set with the expected replies: what the promotion gate replays
+    (empty on older cards; a version without them passes the gate unchecked)."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -160,7 +191,42 @@ class AdapterCard:
             kwargs["chat"] = _build(ChatInfo, data["chat"])
         if data.get("stop_rows") is not None:
             kwargs["stop_rows"] = _build(StopRowsInfo, data["stop_rows"])
+        kwargs["examples"] = [_example(e, f"examples[{i}]") for i, e in enumerate(_list(data, "examples"))]
+        kwargs["golden"] = [_golden(g, f"golden[{i}]") for i, g in enumerate(_list(data, "golden"))]
         return cls(**kwargs)
+
+
+def _list(data: dict, key: str) -> list:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise ValueError(f"{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _text(value, where: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _example(data, where: str) -> ExamplePrompt:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object with 'user' (and 'system'), got {type(data).__name__}")
+    return ExamplePrompt(_text(data.get("user"), f"{where}.user"), _text(data.get("system"), f"{where}.system", True))
+
+
+def _golden(data, where: str) -> GoldenPrompt:
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or not data["messages"]:
+        raise ValueError(f"{where}: expected an object with a non-empty 'messages' list and 'expected'")
+    messages = []
+    for i, message in enumerate(data["messages"]):
+        at = f"{where}.messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"{at}: expected {{'role': one of {list(ROLES)}, 'content': text}}")
+        messages.append({"role": message["role"], "content": _text(message.get("content"), f"{at}.content")})
+    return GoldenPrompt(messages, _text(data.get("expected"), f"{where}.expected"))
 
 
 def _build(kind, data: dict):

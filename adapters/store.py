@@ -6,6 +6,13 @@ Layout::
     <store>/.versions/<name>/<version>/   adapter_config.json, adapter_model.safetensors,
                                           chat_template.jinja, card.json, loss.png
     <store>/.staging/               folders being written; never served
+    <store>/.candidates/<name>      -> symlink to ../.versions/<name>/<version>: a version held back
+                                       by the promotion gate, served only as name@candidate
+    <store>/.previous/<name>        -> symlink to the version that was live before the current one
+                                       (what a rollback returns to)
+    <store>/.held/<name>            -> symlink to the version a server keeps live while its promotion
+                                       gate checks the newer one the name's link points to
+    <store>/.notes/<name>.json      the serving side's last gate report for the name
 
 A new version is written in full under .staging, moved under .versions, and only then is the
 name's symlink swapped with one rename, so a reader sees the old adapter or the new one,
@@ -19,6 +26,10 @@ any new file (0644 and 0755 under the usual 022), whatever the library that wrot
 Retention keeps `keep_versions` versions, and besides the one just published always the newest
 version that was good (its card reads as strict JSON and records the task metric), so adapters
 that trained to garbage, or were put in by other tools, never push the last good one out.
+Nor is the live version, the candidate, or the version a rollback returns to ever pruned.
+
+Every pointer (the name's link, a candidate, a previous version) moves by one atomic rename of a
+symlink made beside it, so a reader sees the old target or the new one (docs/versions.md).
 """
 
 from __future__ import annotations
@@ -44,6 +55,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"base"}
+POINTER_FOLDERS = {"candidate": ".candidates", "previous": ".previous", "held": ".held"}
+"""The pointers a name may have besides its link: the held-back candidate, the rollback target, and
+the version kept live while a newer one is checked."""
+NOTES_FOLDER = ".notes"
 STALE_STAGING_S = 24 * 3600
 """A staging entry whose writer cannot be checked (another host, an unknown name) is left this long."""
 
@@ -56,6 +71,13 @@ def _version_name() -> str:
 
 class AdapterNameError(ValueError):
     """A name that could be a path or is otherwise not a valid adapter name."""
+
+
+class UnknownVersionError(LookupError):
+    """A version that is not stored for a name (or a name served from a plain folder, which has none)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def default_store_dir() -> Path:
@@ -110,6 +132,105 @@ class AdapterStore:
         folder = self.root / ".versions" / check_name(name)
         return sorted(folder.iterdir()) if folder.is_dir() else []
 
+    def version_folder(self, name: str, version: str) -> Path | None:
+        """The stored folder of one version of `name`; None when none is called `version`.
+
+        The version is matched against the listing, never joined into a path, so no text leads
+        anywhere else.
+        """
+        return next((v for v in self.versions(name) if v.name == version), None)
+
+    def live_version(self, name: str) -> str | None:
+        """The stored version the name's link points to; None for a plain folder or no entry."""
+        return self._target_version(self.root / check_name(name), name)
+
+    def pointer(self, name: str, kind: str) -> str | None:
+        """The version a pointer of `name` names ('candidate', 'previous' or 'held'); None when it
+        has none or it names a version no longer stored."""
+        return self._target_version(self._pointer_path(name, kind), name)
+
+    def _pointer_path(self, name: str, kind: str) -> Path:
+        if kind not in POINTER_FOLDERS:
+            raise ValueError(f"unknown pointer {kind!r}: one of {sorted(POINTER_FOLDERS)}")
+        return self.root / POINTER_FOLDERS[kind] / check_name(name)
+
+    def _target_version(self, link: Path, name: str) -> str | None:
+        if not link.is_symlink():
+            return None
+        target = Path(os.path.realpath(link))
+        folder = self.version_folder(name, target.name)
+        return folder.name if folder is not None and Path(os.path.realpath(folder)) == target else None
+
+    def point(self, name: str, version: str) -> str | None:
+        """Make the stored `version` what `name` serves, by one atomic rename of its link; returns
+        the version it pointed to before. UnknownVersionError for a version not stored, or a name
+        that is a plain folder (it has no versions to point between)."""
+        folder = self.require_version(name, version)
+        link = self.root / name
+        if link.exists() and not link.is_symlink():
+            raise UnknownVersionError(f"adapter {name!r} is a plain folder in {self.root}, not a published name")
+        old = self.live_version(name)
+        self._link(link, folder)
+        return old
+
+    def set_pointer(self, name: str, kind: str, version: str | None) -> None:
+        """Point one of `name`'s pointers (POINTER_FOLDERS) at a stored version (atomically), or
+        remove it (None)."""
+        path = self._pointer_path(name, kind)
+        if version is None:
+            path.unlink(missing_ok=True)
+            return
+        folder = self.require_version(name, version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._link(path, folder)
+
+    def require_version(self, name: str, version: str) -> Path:
+        """The stored folder of `version`; UnknownVersionError naming the stored ones otherwise."""
+        folder = self.version_folder(name, version)
+        if folder is None:
+            stored = ", ".join(v.name for v in self.versions(name)) or "none"
+            raise UnknownVersionError(f"adapter {name!r} has no stored version {version!r} (stored: {stored})")
+        return folder
+
+    def rollback_target(self, name: str) -> str | None:
+        """The version a rollback returns to: the one recorded as previous, else the newest stored
+        version older than the live one that is not the candidate; None when there is none."""
+        live = self.live_version(name)
+        if live is None:
+            return None
+        recorded = self.pointer(name, "previous")
+        if recorded is not None and recorded != live:
+            return recorded
+        candidate = self.pointer(name, "candidate")
+        older = [v.name for v in self.versions(name) if v.name < live and v.name != candidate]
+        return older[-1] if older else None
+
+    def protected_versions(self, name: str) -> set[str]:
+        """What pruning never deletes: the live version, the rollback target, and every pointer's."""
+        kept = {self.live_version(name), self.rollback_target(name), *(self.pointer(name, k) for k in POINTER_FOLDERS)}
+        return {v for v in kept if v is not None}
+
+    def _link(self, link: Path, folder: Path) -> None:
+        """Point `link` at `folder` with one rename of a symlink made in .staging (a kill before the
+        rename leaves debris where it is cleaned up); the target is relative to the link's folder."""
+        tmp = self._staging_entry(link.name, ".link")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.symlink_to(os.path.relpath(folder, link.parent), target_is_directory=True)
+        os.replace(tmp, link)  # the one atomic step readers can observe
+
+    def write_note(self, name: str, text: str) -> None:
+        """Keep a small text beside `name` (the serving side's last gate report), replaced atomically."""
+        folder = self.root / NOTES_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{check_name(name)}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / f"{name}.json")
+
+    def read_note(self, name: str) -> str | None:
+        """The text `write_note` kept for `name`; None when there is none."""
+        path = self.root / NOTES_FOLDER / f"{check_name(name)}.json"
+        return path.read_text() if path.is_file() else None
+
     @contextmanager
     def write(self, name: str) -> Iterator[Path]:
         """Yield an empty folder to write a new version of `name` into; publish it on success.
@@ -158,22 +279,23 @@ class AdapterStore:
         if link.is_dir() and not link.is_symlink():
             # A folder dropped in by hand: keep it as the previous version.
             os.replace(link, versions / _version_name())
+        replaced = self.live_version(name)
         final = versions / _version_name()
         os.replace(staging, final)
-        # Made in .staging, so a kill before the rename leaves debris where it is cleaned up; the
-        # target is relative to the root, where the link is read after the rename.
-        tmp_link = self._staging_entry(name, ".link")
-        tmp_link.symlink_to(final.relative_to(self.root), target_is_directory=True)
-        os.replace(tmp_link, link)  # the one atomic step readers can observe
-        self._prune(name, keep=final)
+        self._link(link, final)
+        self._prune(name, keep=final, replaced=replaced)
 
-    def _prune(self, name: str, keep: Path) -> None:
-        """Keep `keep`, the newest keep_versions - 1 others, and the newest good one of those others."""
+    def _prune(self, name: str, keep: Path, replaced: str | None = None) -> None:
+        """Keep `keep`, the newest keep_versions - 1 others, the newest good one of those others,
+        the version `keep` replaced (a promotion gate may keep it live), the candidate and the
+        rollback target."""
         old = [v for v in self.versions(name) if v != keep]
         retained = set(old[max(0, len(old) - (self.keep_versions - 1)) :])
         last_good = next((v for v in reversed(old) if is_good_version(v)), None)
         if last_good is not None:
             retained.add(last_good)
+        protected = self.protected_versions(name) | {replaced}
+        retained.update(v for v in old if v.name in protected)
         for stale in old:
             if stale not in retained:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -186,6 +308,9 @@ class AdapterStore:
         elif link.is_dir():
             shutil.rmtree(link)
         shutil.rmtree(self.root / ".versions" / name, ignore_errors=True)
+        for kind in POINTER_FOLDERS:
+            self._pointer_path(name, kind).unlink(missing_ok=True)
+        (self.root / NOTES_FOLDER / f"{name}.json").unlink(missing_ok=True)
 
 
 def is_good_version(folder: Path) -> bool:

@@ -10,8 +10,10 @@
 #   TESTS=tests/test_lora_triton.py bash ...  only those test files first (the Triton kernel compiled on the GPU)
 #   PRODUCTS=1 bash bench/on_gpu_machine.sh   then bench/lora_products.py (batch-1 LoRA products, ~1 min)
 #   BENCH=0 PRODUCTS=1 bash ...               that one alone
+#   NF4=1 bash bench/on_gpu_machine.sh        then bench/nf4_decode.py (the fused NF4 kernel vs bitsandbytes, batch 1 and 16)
+#   TESTS=tests/test_nf4_kernel.py BENCH=0 NF4=1 bash ...   its checks compiled on the GPU, then that bench alone
 # Results go to $OUT (or bench/results/): gpu.json, gpu.log, gpu-profile.txt, tests.log,
-# lora-products.json and .log.
+# lora-products.json and .log, nf4-decode.json and .log.
 set -o pipefail
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -36,5 +38,8 @@ if [ "${BENCH:-1}" != 0 ]; then
 fi
 if [ -n "$PRODUCTS" ]; then
     timeout "${PRODUCTS_TIMEOUT:-55}" python3 -m bench.lora_products --out "$out/lora-products.json" 2>&1 | tee "$out/lora-products.log"
+fi
+if [ -n "$NF4" ]; then
+    timeout "${NF4_TIMEOUT:-240}" python3 -m bench.nf4_decode --out "$out/nf4-decode.json" 2>&1 | tee "$out/nf4-decode.log"
 fi
 exit ${status:-0}

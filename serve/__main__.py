@@ -148,7 +148,7 @@ def cmd_web(args) -> int:
     with sock:
         service = Service.start(config.service)
         try:
-            run(service, access, sock, config.api, config.fleet)
+            run(service, access, sock, config.api, config.fleet, config.ui)
         finally:
             service.close()
     return 0

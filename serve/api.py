@@ -2,7 +2,9 @@
 `POST /v1/completions` (raw prompts), each streaming too (SSE). The request bodies are
 serve/api_models.py.
 
-`model` is an adapter name, or 'base'. Every error under /v1 uses OpenAI's shape,
+`model` is an adapter name, `name@<version>`, 'base', or a mix in the compact spelling
+(`json*0.5+sentiment`: serve/mixes.py; the `adapters` extension field says the same as a list).
+Every error under /v1 uses OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, and names the field at fault in `param` and
 at the start of `message`:
 
@@ -46,6 +48,7 @@ from serve.api_models import (REQUEST_MODELS, ChatCompletion, ChatCompletionRequ
 from serve.api_responses import Chunks, chat_completion, text_completion
 from serve.batcher import Stream
 from serve.engine import ChatRequest, ChatResult, RequestError
+from serve.mixes import is_mix, parse_mix
 from serve.registry import UnknownAdapterError
 from serve.service import BusyError, Service
 
@@ -310,8 +313,6 @@ def _unknown_model(name: str, available: list[str]) -> ApiError:
 async def _respond(request: Request, service: Service, body: ChatCompletionRequest | CompletionRequest,
                    chat: bool) -> Response:
     """Submit every choice of the request together (rows of one batch), then answer or stream them."""
-    if body.model not in service.model_names():
-        raise _unknown_model(body.model, service.model_names())
     try:
         requests = body.requests()
     except ValueError as err:  # FieldError, or SamplingParams' own checks (the backstop behind the schema)
@@ -324,7 +325,7 @@ async def _respond(request: Request, service: Service, body: ChatCompletionReque
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     prompts = 1 if chat else len(body.prompts())
     if body.stream:
-        chunks = Chunks(completion_id, body.model, chat, body.include_usage(), service.base.tokenizer)
+        chunks = Chunks(completion_id, _answering(requests[0]), chat, body.include_usage(), service.base.tokenizer)
         return StreamingResponse(_sse(streams, chunks, prompts), media_type="text/event-stream")
     results = await _wait_all(streams, request)
     if results is None:
@@ -334,8 +335,13 @@ async def _respond(request: Request, service: Service, body: ChatCompletionReque
         raise _engine_error(failed)
     tokenizer = service.base.tokenizer
     if chat:
-        return JSONResponse(chat_completion(results, completion_id, body.model, tokenizer))
-    return JSONResponse(text_completion(results, completion_id, body.model, tokenizer, prompts))
+        return JSONResponse(chat_completion(results, completion_id, _answering(requests[0]), tokenizer))
+    return JSONResponse(text_completion(results, completion_id, _answering(requests[0]), tokenizer, prompts))
+
+
+def _answering(request: ChatRequest) -> str:
+    """A reply's `model`: the request's own, a mix in its canonical spelling (`a*0.5+b`)."""
+    return parse_mix(request.adapter).spelling() if is_mix(request.adapter) else request.adapter
 
 
 async def _submit(service: Service, requests: list[ChatRequest]) -> list[Stream]:
@@ -343,8 +349,8 @@ async def _submit(service: Service, requests: list[ChatRequest]) -> list[Stream]
     thread, off the event loop."""
     try:
         return await anyio.to_thread.run_sync(service.submit_all, requests)
-    except UnknownAdapterError as err:  # removed from the store since the check above
-        raise _unknown_model(requests[0].adapter, err.available) from err
+    except UnknownAdapterError as err:  # one the store does not serve (a mix names it with the part at fault)
+        raise _unknown_model(err.name, err.available) from err
     except RequestError as err:
         raise invalid(str(err), err.param, err.code) from err
     except BusyError as err:

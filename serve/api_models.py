@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 from adapters import Message
 from serve.engine import MAX_LOGPROBS, SEED_RANGE, ChatRequest, SamplingParams
 from serve.grammar import ResponseFormat
+from serve.mixes import MAX_PARTS, MAX_SCALE, MixError, Part, make_mix
 
 MAX_CHOICES = 8
 """The most choices (`n`) one request may ask for: each is one more row of the batch."""
@@ -111,10 +112,22 @@ class ResponseFormatBody(_Strict):
         return ResponseFormat(self.type, schema if self.type == "json_schema" else None)
 
 
+class AdapterPart(_Strict):
+    """One adapter of a request's mix (the `adapters` extension field)."""
+
+    name: Text = Field(min_length=1, max_length=200)
+    """An adapter name, or `name@<version>`."""
+    scale: float = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE)
+    """Its strength: the adapter's delta times this (1: as trained)."""
+
+
 class _Sampling(_Strict):
     """What chat and raw completions share."""
 
     model: Text
+    adapters: list[AdapterPart] | None = Field(None, min_length=1, max_length=MAX_PARTS)
+    """An extension: the adapters this request adds to the base, each at its own scale (the same as
+    `model: "a*0.5+b"`). With it, `model` is 'base' or that mix's own spelling."""
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -141,6 +154,18 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def adapter(self) -> str:
+        """What the engine resolves: `model`, or the `adapters` mix in the compact spelling."""
+        if self.adapters is None:
+            return self.model
+        try:
+            spelling = make_mix([Part(a.name, a.scale) for a in self.adapters]).spelling()
+        except MixError as err:
+            raise FieldError(err.param, err.detail) from err
+        if self.model not in ("base", spelling):
+            raise FieldError("model", f"{self.model!r} disagrees with `adapters` ({spelling!r}): give 'base' or {spelling!r}")
+        return spelling
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -161,7 +186,7 @@ class ChatCompletionRequest(_Sampling):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         messages = tuple(m.message() for m in self.messages)
         fmt = self.response_format.format() if self.response_format is not None else None
-        return [ChatRequest(self.model, messages, p, fmt) for p in self.sampling(limit, logprobs)]
+        return [ChatRequest(self.adapter(), messages, p, fmt) for p in self.sampling(limit, logprobs)]
 
 
 class CompletionRequest(_Sampling):
@@ -187,7 +212,8 @@ class CompletionRequest(_Sampling):
             if unsupported:
                 raise FieldError(name, "not supported by this server; leave it out")
         params = self.sampling(self.max_tokens or COMPLETION_MAX_TOKENS, self.logprobs)
-        return [ChatRequest(self.model, (), p, prompt=text) for text in self.prompts() for p in params]
+        adapter = self.adapter()
+        return [ChatRequest(adapter, (), p, prompt=text) for text in self.prompts() for p in params]
 
 
 # -- response bodies, for /openapi.json (the handlers build plain dicts of these shapes) ---------

@@ -28,9 +28,11 @@ import torch
 from transformers import DynamicCache
 
 from adapters.chat import left_pad
-from serve.engine import ChatRequest, ChatResult, ContextLengthError, Engine, Prepared, SamplingParams, TokenLogprob
+from serve.engine import (AdapterLoadError, ChatRequest, ChatResult, ContextLengthError, Engine, Prepared, SamplingParams,
+                          TokenLogprob)
 from serve.grammar import Constraint, GrammarError
 from serve.registry import AdapterEntry, UnknownAdapterError
+from serve.routing import RowKey
 from serve.slots import DEFAULT_SLOTS_SHARE, DecodeSettings, SlotCache, StepGraphs, causal_lm, device_free_bytes
 
 log = logging.getLogger(__name__)
@@ -147,12 +149,17 @@ class Running:
         return self.prepared.prompt
 
     @property
-    def adapter_key(self) -> str | None:
-        return self.entry.key if self.entry else None
+    def adapter_key(self) -> RowKey:
+        """The router's key for this row: an adapter key, a mix's (key, scale) pairs, or None (the base)."""
+        return self.prepared.row_key
 
     @property
     def name(self) -> str:
-        return self.entry.name if self.entry else "base"
+        return self.prepared.adapter_name
+
+    def load_failure(self, failed: dict[str, AdapterLoadError]) -> AdapterLoadError | None:
+        """The load error of one of this row's adapters, if one of them failed to load."""
+        return next((failed[e.key] for e in self.prepared.entries if e.key in failed), None)
 
     def fail(self, err: BaseException) -> None:
         self.stream._finish(ChatResult.failed(self.request.adapter, err, self.text, len(self.tokens)))
@@ -398,14 +405,15 @@ class ContinuousBatcher:
         error (running ones leave the batch); the rest of the step goes on. Returns the admitted
         requests that can run."""
         rows = self._running + admitted
-        failed = self.engine.make_resident([s.entry for s in rows if s.entry is not None])
+        failed = self.engine.make_resident([e for s in rows for e in s.prepared.entries])
         if not failed:
             return admitted
         for seq in rows:
-            if seq.adapter_key in failed:
-                seq.fail(failed[seq.adapter_key])
-        self._keep_rows([i for i, s in enumerate(self._running) if s.adapter_key not in failed])
-        return [s for s in admitted if s.adapter_key not in failed]
+            err = seq.load_failure(failed)
+            if err is not None:
+                seq.fail(err)
+        self._keep_rows([i for i, s in enumerate(self._running) if s.load_failure(failed) is None])
+        return [s for s in admitted if s.load_failure(failed) is None]
 
     def _prefill_groups(self, admitted: list[Running]) -> list[list[Running]]:
         """Prompts prefilled together: all of them in one left-padded batch, or in the
@@ -625,7 +633,7 @@ class StaticKV:
     def keep(self, keep: list[int]) -> None:
         self.slots.keep(keep)
 
-    def step_rows(self, keys: list[str | None]) -> tuple[int, list[str | None]]:
+    def step_rows(self, keys: list[RowKey]) -> tuple[int, list[RowKey]]:
         """How many slot rows a step runs for these running rows, and each row's adapter key."""
         n = len(keys)
         if self.full_width:

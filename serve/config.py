@@ -17,6 +17,7 @@ from serve.api import ApiLimits
 from serve.management import FleetSettings
 from serve.server import AccessSettings
 from serve.service import ServiceConfig
+from serve.ui_logic import UiSettings
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ServeConfig:
     access: AccessSettings = field(default_factory=AccessSettings)
     api: ApiLimits = field(default_factory=ApiLimits)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    ui: UiSettings = field(default_factory=UiSettings)
 
 
 ENGINE_FIELDS: dict[str, dict] = {

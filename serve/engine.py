@@ -27,7 +27,8 @@ from adapters.compat import read_token_rows
 from adapters.store import CHAT_TEMPLATE_FILE
 from serve.grammar import GrammarError, Grammars, ResponseFormat
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
-from serve.routing import LoraRouter
+from serve.mixes import MixError, is_mix, parse_mix
+from serve.routing import LoraRouter, RowKey
 from serve.slots import DecodeSettings
 from serve.token_rows import TokenRowRouter
 
@@ -98,7 +99,8 @@ class ServeLimits:
 @dataclass(frozen=True)
 class ChatRequest:
     adapter: str
-    """An adapter name, or 'base' for the base alone."""
+    """An adapter name, 'base' for the base alone, or a mix in the compact spelling
+    (`json*0.5+sentiment`: serve/mixes.py)."""
     messages: tuple[Message, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     response_format: ResponseFormat | None = None
@@ -122,6 +124,30 @@ class Prepared:
     template and the stop ids its card records (`Engine.stop_ids`)."""
     grammar: object | None = None
     """The compiled `response_format` (`Grammars.compile`); None: free text."""
+    mix: tuple[tuple[AdapterEntry, float], ...] = ()
+    """A mix's (adapter, scale) parts, `entry` being the first; empty for one adapter at its trained
+    strength or the base. The first part's chat template and token rows serve the reply."""
+
+    @property
+    def row_key(self) -> RowKey:
+        """How the router sees this request's rows: a key, (key, scale) pairs, or None for the base."""
+        if self.mix:
+            return tuple((entry.key, scale) for entry, scale in self.mix)
+        return self.entry.key if self.entry else None
+
+    @property
+    def entries(self) -> tuple[AdapterEntry, ...]:
+        """Every adapter whose weights this request needs on the device."""
+        if self.mix:
+            return tuple(entry for entry, _ in self.mix)
+        return (self.entry,) if self.entry else ()
+
+    @property
+    def adapter_name(self) -> str:
+        """What a reply says wrote it: the adapter's name, the mix's spelling, or 'base'."""
+        if self.mix:
+            return "+".join(entry.name if scale == 1.0 else f"{entry.name}*{scale:g}" for entry, scale in self.mix)
+        return self.entry.name if self.entry else "base"
 
 
 ERROR_CODES = ("model_not_found", "context_length_exceeded", "invalid_request_error", "adapter_unavailable",
@@ -164,6 +190,15 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
     """(token, log-probability), likeliest first."""
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> tuple[TokenLogprob, ...]:
+    """logits [tokens, vocab], row i predicting tokens[i]: each token's log-softmax and its `top` likeliest."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    best = logprobs.topk(top, dim=-1) if top else None
+    return tuple(TokenLogprob(token, float(logprobs[i, token]),
+                              tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ())
+                 for i, token in enumerate(tokens))
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -393,13 +428,14 @@ class Engine:
         self._router.rebuild(self.cache.resident())
         self._tokens.rebuild(self.cache.resident())
 
-    def route(self, keys: list[str | None], replayed: bool = False) -> torch.nn.Module:
-        """The model to run for rows that use these adapter keys (None: the base alone).
+    def route(self, keys: list[RowKey], replayed: bool = False) -> torch.nn.Module:
+        """The model to run for rows that use these adapter keys, or mixes of them (None: the base alone).
         replayed: the step is captured as a CUDA graph, or is the run before its capture (`LoraRouter.set_rows`)."""
         if self._model is None:
             return self.base.model
         self._router.set_rows(keys, replayed)
-        self._tokens.set_rows(keys)
+        # A mix's token rows are its first part's (the adapter whose chat template it speaks in).
+        self._tokens.set_rows([key[0][0] if isinstance(key, tuple) else key for key in keys])
         # With every adapter evicted the peft wrapper has none, and its forward fails on that; the
         # model under it computes the same (its adapted layers stay in place, routed to the base).
         return self._model if self._model.peft_config else self.base.model
@@ -460,7 +496,7 @@ class Engine:
     def prepare(self, request: ChatRequest) -> Prepared:
         """Resolve the adapter, render the chat template and tokenize: in the caller's thread, so
         a long prompt never holds up the decode loop. Raises UnknownAdapterError or RequestError."""
-        entry = self.registry.resolve(request.adapter)
+        entry, mix = self._resolve(request.adapter)
         prompt = self._encode(request, entry)
         # Capped, never refused: by the server's limit and by the room the context leaves.
         max_new = min(request.params.max_new_tokens, self.limits.max_new_tokens)
@@ -470,7 +506,24 @@ class Engine:
                 raise ContextLengthError(f"prompt is {len(prompt)} tokens, which fills the model's context of {context} tokens",
                                          "messages" if request.prompt is None else "prompt")
             max_new = min(max_new, context - len(prompt))
-        return Prepared(request, entry, prompt, max_new, self.stop_ids(entry), self._compile(request.response_format))
+        stops = frozenset().union(*(self.stop_ids(e) for e, _ in mix)) if mix else self.stop_ids(entry)
+        return Prepared(request, entry, prompt, max_new, stops, self._compile(request.response_format), mix)
+
+    def _resolve(self, spelling: str) -> tuple[AdapterEntry | None, tuple[tuple[AdapterEntry, float], ...]]:
+        """The lead adapter (None: the base) and, for a mix or a scaled adapter, its resolved parts."""
+        if not is_mix(spelling):
+            return self.registry.resolve(spelling), ()
+        try:
+            parsed = parse_mix(spelling)
+        except MixError as err:
+            raise RequestError(str(err), err.param) from err
+        if parsed.is_plain():
+            return self.registry.resolve(parsed.parts[0].name), ()
+        mix = tuple((self.registry.resolve(part.name), part.scale) for part in parsed.parts)
+        keys = [entry.key for entry, _ in mix]
+        if len(set(keys)) != len(keys):  # two spellings of one version (`json` and `json@<its version>`)
+            raise RequestError(f"model: {spelling!r} names one adapter version twice", "model")
+        return mix[0][0], mix
 
     @property
     def grammars(self) -> Grammars:
@@ -527,6 +580,25 @@ class Engine:
         if not ids:
             raise RequestError("prompt: empty (it encodes to no tokens)", "prompt")
         return ids
+
+    # -- scoring -------------------------------------------------------------------------
+    def score(self, adapter: str, messages: Sequence[Message], reply_tokens: Sequence[int],
+              top: int = 1) -> tuple[TokenLogprob, ...]:
+        """Each reply token's log-probability under `adapter` (a name, a mix or 'base') after the
+        messages, teacher-forced in one forward pass, with its `top` likeliest alternatives: what
+        the token view sets a reply's own log-probabilities against. Raises as `prepare` does, and
+        AdapterLoadError when an adapter cannot be put on the device."""
+        if not reply_tokens:
+            return ()
+        prepared = self.prepare(ChatRequest(adapter, tuple(messages), SamplingParams(max_new_tokens=1)))
+        ids = torch.tensor([prepared.prompt + list(reply_tokens)], device=self.base.device)
+        with self.lock, torch.no_grad():  # between two decode steps: the loop routes its own rows again
+            failed = self.make_resident(list(prepared.entries))
+            if failed:
+                raise next(iter(failed.values()))
+            logits = self.route([prepared.row_key])(input_ids=ids).logits[0]  # [prompt + reply, vocab]
+        start = len(prepared.prompt) - 1  # position i predicts token i + 1
+        return _token_logprobs(logits[start : start + len(reply_tokens)], list(reply_tokens), top)
 
     # -- generation ----------------------------------------------------------------------
     def loop(self) -> ContinuousBatcher:

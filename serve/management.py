@@ -14,13 +14,17 @@ vLLM's, which opens any path the server can read:
 
 A runtime load lives in the registry beside the store's adapters, so no scan of the store removes
 it (serve/registry.py). Its weights load on its first request, as a store adapter's do. docs/fleet.md
+
+The versions of the store's adapters are managed here too, behind the same key (docs/versions.md):
+`GET /v1/adapters/{name}/versions`, `POST /v1/adapters/{name}/promote` (optional body
+{"version": ...}; default the candidate) and `POST /v1/adapters/{name}/rollback`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapters.cli import opt
 from adapters.store import AdapterNameError, check_name
 from serve.api import ERROR_STATUSES, ApiError, documented, invalid, parse_body, read_body
-from serve.registry import BASE_NAME, AdapterEntry
-from serve.service import Service
+from serve.gate import GateReport
+from serve.registry import BASE_NAME, AdapterEntry, NoVersionError, UnknownAdapterError
+from serve.service import Service, VersionPointers, VersionRow
 
 ENABLE_FLAG = "--allow-runtime-loading"
 VERSIONS_FOLDER = ".versions"
@@ -118,7 +123,8 @@ class UnloadLoRAAdapterRequest(BaseModel):
 
 def add_adapter_routes(router: APIRouter, service: Service, authorize: Callable[[Request], None],
                        settings: FleetSettings, max_body_bytes: int) -> None:
-    """The load and unload routes on the /v1 router (add them before its catch-all route)."""
+    """The load and unload routes, and the version routes (`add_version_routes`), on the /v1 router
+    (add them before its catch-all route)."""
     roots = AdapterRoots.of(service.registry.store.root, settings.adapter_roots)
     one_at_a_time = threading.Lock()  # a load's checks and its registration happen as one step
 
@@ -139,6 +145,8 @@ def add_adapter_routes(router: APIRouter, service: Service, authorize: Callable[
         body = await parsed(request, UnloadLoRAAdapterRequest)
         name = await anyio.to_thread.run_sync(partial(unload_adapter, service, one_at_a_time, body))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    add_version_routes(router, service, authorize, max_body_bytes)
 
 
 MANAGEMENT_STATUSES = {**ERROR_STATUSES, 403: "lora_path leads outside the adapter roots",
@@ -237,3 +245,90 @@ def model_cards(service: Service, created: int) -> list[dict]:
 
     return [card(BASE_NAME, service.config.base, None),
             *(card(entry.name, str(entry.path), BASE_NAME) for entry in service.registry.servable())]
+
+
+# -- versions: list, promote, roll back (docs/versions.md) ---------------------------------
+
+class PromoteRequest(BaseModel):
+    """POST /v1/adapters/{name}/promote's optional body: the version to make live (default: the candidate)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    version: str | None = Field(default=None, min_length=1)
+
+
+class PointersAnswer(BaseModel):
+    """Where a name's pointers stand: its live version, its candidate, what a rollback returns to."""
+
+    name: str
+    live: str | None
+    candidate: str | None
+    rollback_target: str | None
+
+
+class VersionsAnswer(PointersAnswer):
+    versions: list[VersionRow]
+    """Oldest first, each with its card's metrics."""
+    gate: GateReport | None
+    """The promotion gate's last decision about the name; null when it decided none."""
+
+
+VERSION_STATUSES = {**ERROR_STATUSES, 404: "no such adapter in the store, or no such version of it",
+                    409: "nothing to promote or roll back to: no candidate, or no earlier version"}
+NO_VERSION_ERRORS = {"candidate": (409, "no_candidate", "version"), "previous": (409, "no_previous_version", None),
+                     "version": (404, "version_not_found", "version"), "rejected": (400, "adapter_rejected", "version")}
+"""NoVersionError.what -> (status, code, the field at fault)."""
+
+
+def add_version_routes(router: APIRouter, service: Service, authorize: Callable[[Request], None],
+                       max_body_bytes: int) -> None:
+    """GET /v1/adapters/{name}/versions, POST .../promote and .../rollback, behind the API key."""
+
+    @router.get("/adapters/{name}/versions", **documented(None, VersionsAnswer, statuses=VERSION_STATUSES))
+    async def adapter_versions(name: str, request: Request):
+        authorize(request)
+        return await anyio.to_thread.run_sync(partial(_answer, versions_answer, service, name))
+
+    @router.post("/adapters/{name}/promote", **_optional_body(PromoteRequest))
+    async def promote_adapter(name: str, request: Request):
+        authorize(request)
+        raw = await read_body(request, max_body_bytes)
+        version = parse_body(raw, PromoteRequest).version if raw.strip() else None
+        moved = partial(service.promote, name, version)
+        return await anyio.to_thread.run_sync(partial(_answer, _pointers_answer, moved, name))
+
+    @router.post("/adapters/{name}/rollback", **documented(None, PointersAnswer, statuses=VERSION_STATUSES))
+    async def rollback_adapter(name: str, request: Request):
+        authorize(request)
+        moved = partial(service.rollback, name)
+        return await anyio.to_thread.run_sync(partial(_answer, _pointers_answer, moved, name))
+
+
+def _optional_body(body: type[BaseModel]) -> dict:
+    route = documented(None, PointersAnswer, statuses=VERSION_STATUSES)
+    schema = {"application/json": {"schema": body.model_json_schema()}}
+    route["openapi_extra"] = {"requestBody": {"required": False, "content": schema}}
+    return route
+
+
+def versions_answer(service: Service, name: str) -> dict:
+    """GET .../versions' answer: the pointers, every stored version and the last gate report."""
+    rows = service.versions(name)
+    pointers = service.pointers(name)
+    return VersionsAnswer(**asdict(pointers), versions=rows, gate=service.gate_report(name)).model_dump(mode="json")
+
+
+def _pointers_answer(moved: Callable[[], VersionPointers], name: str) -> dict:
+    return PointersAnswer(**asdict(moved())).model_dump(mode="json")
+
+
+def _answer(build: Callable, *args) -> dict:
+    """`build(*args)`, with the registry's errors as the API's: 404 an unknown name or version,
+    409 nothing to move to, 400 a version the checks refuse."""
+    try:
+        return build(*args)
+    except UnknownAdapterError as err:
+        raise ApiError(404, f"name: {err}", "invalid_request_error", "adapter_not_found", "name") from err
+    except NoVersionError as err:
+        status, code, param = NO_VERSION_ERRORS[err.what]
+        raise ApiError(status, str(err), "invalid_request_error", code, param) from err

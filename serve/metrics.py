@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from serve.api import ApiError
 from serve.batcher import Stream
 from serve.engine import ChatResult
+from serve.mixes import is_mix
 from serve.registry import BASE_NAME
 from serve.service import Service
 
@@ -43,6 +44,15 @@ def request_status(result: ChatResult, stream: Stream) -> str:
     if result.error:
         return result.error_code or "server_error"
     return "cancelled" if stream.cancelled.is_set() else "ok"
+
+
+def adapter_label(adapter: str) -> str:
+    """The `adapter` label of a request: its adapter, or a mix's adapters without their scales
+    (`json+sentiment` for `json*0.5+sentiment`), so that free-valued scales cannot grow the
+    number of series without bound."""
+    if not is_mix(adapter):
+        return adapter
+    return "+".join(piece.partition("*")[0].strip() for piece in adapter.split("+"))
 
 
 class RequestMetrics:
@@ -69,12 +79,13 @@ class RequestMetrics:
         self._lock = threading.Lock()
 
     def queued(self, adapter: str, stream: Stream) -> None:
+        adapter = adapter_label(adapter)
         with self._lock:
             self._held[stream] = adapter
         stream.add_done_callback(partial(self._ended, adapter, stream))  # at once if it has ended already
 
     def refused(self, adapter: str, reason: str) -> None:
-        self.requests.labels(adapter, reason).inc()
+        self.requests.labels(adapter_label(adapter), reason).inc()
 
     def _ended(self, adapter: str, stream: Stream, result: ChatResult) -> None:
         with self._lock:

@@ -70,6 +70,13 @@ for bench/: docs/history/triton-lora-kernel.md says what it measured.)"""
 BASE = -1
 """A batch item's adapter index when it uses the base alone."""
 
+MIX = -2
+"""A batch item's adapter index when it mixes adapters or scales one (`RowPlan.mixes` holds its parts)."""
+
+RowKey = str | tuple[tuple[str, float], ...] | None
+"""What `LoraRouter.set_rows` takes per batch item: an adapter key (at its trained strength), a
+mix as (key, scale) pairs, or None for the base."""
+
 
 class Path(enum.StrEnum):
     """The ways an adapted layer adds the step's LoRA delta (the module docstring says when each runs)."""
@@ -307,12 +314,16 @@ def share_storage(stack_set: StackSet) -> None:
 
 
 def row_mask(indices: tuple[int, ...], scale: tuple[float, ...], rank: int, device: torch.device,
-             dtype: torch.dtype) -> torch.Tensor:
-    """[items, 1, adapters·R]: item j keeps its own adapter's R columns, times that adapter's alpha/r."""
+             dtype: torch.dtype, mixes: tuple | None = None) -> torch.Tensor:
+    """[items, 1, adapters·R]: item j keeps its own adapter's R columns, times that adapter's alpha/r;
+    a mixed item (`RowPlan.mixes`) keeps each of its adapters' columns, times alpha/r and its scale."""
     n = len(scale)
-    columns = torch.zeros(len(indices), n + 1, dtype=torch.float32)  # the last column: the base
-    own = [n if i == BASE else i for i in indices]
+    columns = torch.zeros(len(indices), n + 1, dtype=torch.float32)  # the last column: the base (and mixes)
+    own = [n if i in (BASE, MIX) else i for i in indices]
     columns[torch.arange(len(indices)), torch.tensor(own)] = torch.tensor([*scale, 0.0])[own]
+    for item, parts in enumerate(mixes or ()):
+        for index, weight in parts or ():
+            columns[item, index] += weight * scale[index]
     mask = columns[:, :n].repeat_interleave(rank, dim=1).unsqueeze(1)
     return mask.to(device=device, dtype=dtype)
 
@@ -343,11 +354,21 @@ class RowPlan:
     """The kernel's view of the items: an index per item, or one index for all when they agree."""
     preset_masks: tuple[torch.Tensor, ...] | None = None
     """The masks already written into the router's fixed buffers (`LoraRouter.fix_masks`)."""
+    mixes: tuple[tuple[tuple[int, float], ...] | None, ...] | None = None
+    """Per batch item whose index is MIX, its (adapter index, scale) parts (None for the other
+    items); None when no item mixes. A mixed item adds Σ scale·alpha/r·(x·Aᵀ)·B over its parts."""
 
     @functools.cached_property
     def single(self) -> int | None:
-        """The one index every item uses (BASE: the base), or None when they mix."""
-        return self.indices[0] if len(set(self.indices)) == 1 else None
+        """The one index every item uses (BASE: the base), or None when they differ or any item mixes."""
+        return self.indices[0] if len(set(self.indices)) == 1 and self.mixes is None else None
+
+    def parts(self, item: int) -> tuple[tuple[int, float], ...]:
+        """The (adapter index, scale) pairs batch item `item` adds: none for the base."""
+        index = self.indices[item]
+        if index == MIX:
+            return self.mixes[item]
+        return () if index == BASE else ((index, 1.0),)
 
     @functools.cached_property
     def masks(self) -> tuple[torch.Tensor, ...]:
@@ -356,16 +377,19 @@ class RowPlan:
         if self.preset_masks is not None:
             return self.preset_masks
         s = self.stacks
-        return tuple(row_mask(self.indices, scale, s.rank, s.device, s.dtype) for scale in s.scale_vectors)
+        return tuple(row_mask(self.indices, scale, s.rank, s.device, s.dtype, self.mixes) for scale in s.scale_vectors)
 
     @functools.cached_property
-    def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
-        """(index, the batch items that use it) for every adapter in the rows."""
-        by_index: dict[int, list[int]] = {}
-        for item, index in enumerate(self.indices):
-            if index != BASE:
-                by_index.setdefault(index, []).append(item)
-        return tuple((index, torch.tensor(items, device=self.stacks.device)) for index, items in by_index.items())
+    def groups(self) -> tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]:
+        """(index, the batch items that add it, their scales as [items, 1, 1] or None when all are 1)
+        for every adapter in the rows."""
+        by_index: dict[int, list[tuple[int, float]]] = {}
+        for item in range(len(self.indices)):
+            for index, weight in self.parts(item):
+                by_index.setdefault(index, []).append((item, weight))
+        device = self.stacks.device
+        return tuple((index, torch.tensor([i for i, _ in pairs], device=device), _item_scales(pairs, device))
+                     for index, pairs in by_index.items())
 
     def signature(self) -> tuple:
         """What the step computes beyond the rows' values: the base alone, one adapter's own
@@ -376,7 +400,15 @@ class RowPlan:
             return ("base",)
         if self.single is not None:
             return ("single", self.single)
-        return ("per_row", self.indices) if self.per_row else ("mixed",)
+        if self.per_row:
+            return ("per_row", self.indices) if self.mixes is None else ("per_row", self.indices, self.mixes)
+        return ("mixed",)
+
+
+def _item_scales(pairs: list[tuple[int, float]], device: torch.device) -> torch.Tensor | None:
+    if all(weight == 1.0 for _, weight in pairs):
+        return None
+    return torch.tensor([weight for _, weight in pairs], dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
 def torch_path(plan: RowPlan, rows: int) -> Path:
@@ -423,18 +455,35 @@ def _add_masked(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: tor
 def _add_per_row(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """Each batch item's delta from products of that item alone, at its adapter's own rank: what
     a row gets depends on nothing else in the batch or among the resident adapters."""
+    for item in range(len(plan.indices)):
+        result = _add_item(stacks, x, result, item, plan.parts(item))
+    return result
+
+
+def _add_item(stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor, item: int,
+              parts: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add batch item `item`'s delta, part by part, from products of that item alone at each
+    adapter's own rank."""
     in_place = result.dtype == stacks.A.dtype and not torch.is_grad_enabled()
-    for item, index in enumerate(plan.indices):
-        rank = stacks.ranks[index] if index != BASE else 0
+    for index, weight in parts:
+        rank = stacks.ranks[index]
         if rank == 0:
             continue
         rows = x[item].reshape(-1, x.shape[-1]).to(stacks.A.dtype)  # [seq, in]
         delta = torch.mm(torch.mm(rows, stacks.At[index][:, :rank]), stacks.Bts[index][:rank])  # [seq, out]
-        delta = delta.mul_(stacks.scale[index]).view_as(result[item])
+        delta = delta.mul_(stacks.scale[index] * weight).view_as(result[item])
         if in_place:
             result[item].add_(delta)
         else:
             result = result.index_add(0, torch.tensor([item], device=result.device), delta.unsqueeze(0).to(result.dtype))
+    return result
+
+
+def _add_mixed_items(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """The mixed items' deltas, each from that item alone (after the kernel added the plain items')."""
+    for item, parts in enumerate(plan.mixes):
+        if parts:
+            result = _add_item(stacks, x, result, item, parts)
     return result
 
 
@@ -443,9 +492,10 @@ def _add_grouped(plan: RowPlan, stacks: LayerStacks, x: torch.Tensor, result: to
     a few ops per adapter instead of every adapter's product for every row."""
     x = x.to(stacks.A.dtype)
     in_place = result.dtype == x.dtype and not torch.is_grad_enabled()
-    for index, items in plan.groups:
+    for index, items, scales in plan.groups:
         hidden = torch.matmul(x.index_select(0, items), stacks.At[index])
-        delta = torch.matmul(hidden, stacks.Bts[index]).to(result.dtype)
+        delta = torch.matmul(hidden, stacks.Bts[index])
+        delta = (delta if scales is None else delta * scales.to(delta.dtype)).to(result.dtype)
         if in_place:
             result.index_add_(0, items, delta, alpha=stacks.scale[index])
         else:
@@ -488,8 +538,16 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # are faster.
     if router.lora_add is not None and router.lora_add(result, x, stacks.A, stacks.Bt, plan.item_indices,
                                                        stacks.scale_t, plan.stacks.rank, router.kernel_rows):
-        return result
+        # The kernel saw mixed items as the base's; each one's parts are added from that item alone,
+        # so the plain items' deltas are the kernel's whatever else the batch holds.
+        return result if plan.mixes is None else _add_mixed_items(plan, stacks, x, result)
     return PATHS[torch_path(plan, x.numel() // x.shape[-1])](plan, stacks, x, result)
+
+
+def _row_index(key: RowKey, index: dict[str, int]) -> int:
+    if key is None:
+        return BASE
+    return MIX if isinstance(key, tuple) else index[key]
 
 
 class LoraRouter:
@@ -629,22 +687,27 @@ class LoraRouter:
                     found.append(members)
         return found
 
-    def set_rows(self, keys: list[str | None], replayed: bool = False) -> RowPlan:
-        """Plan the next forward: one adapter key per batch item, None routing it to the base.
-        replayed: the forward is captured as a CUDA graph to be replayed, or is the run before
-        such a capture (it must compute the same way), which may pick another shrink."""
+    def set_rows(self, keys: list[RowKey], replayed: bool = False) -> RowPlan:
+        """Plan the next forward: per batch item an adapter key, a mix ((key, scale), ...), or None
+        routing it to the base. replayed: the forward is captured as a CUDA graph to be replayed, or
+        is the run before such a capture (it must compute the same way), which may pick another shrink."""
         index = {key: i for i, key in enumerate(self.stacks.keys)}
-        indices = tuple(BASE if key is None else index[key] for key in keys)
-        mixed = len(set(indices)) != 1
+        indices = tuple(_row_index(key, index) for key in keys)
+        mixes = tuple(tuple((index[k], float(w)) for k, w in key) if isinstance(key, tuple) else None for key in keys)
+        mixes = mixes if MIX in indices else None
+        mixed = len(set(indices)) != 1 or mixes is not None
         preset = None
         if self._fixed and mixed and len(indices) <= self._fixed_rows:  # more: made as usual
             s = self.stacks
             for fixed, scale in zip(self._fixed, s.scale_vectors):
-                fixed[: len(indices)].copy_(row_mask(indices, scale, s.rank, s.device, s.dtype))
+                fixed[: len(indices)].copy_(row_mask(indices, scale, s.rank, s.device, s.dtype, mixes))
             preset = tuple(fixed[: len(indices)] for fixed in self._fixed)
-        item_indices = torch.tensor(indices if mixed else indices[:1])  # one item: every row
+        # The kernel's view: one index per item (mixed items as the base's: their parts are added
+        # apart), or one index for every row when they agree.
+        kernel_view = tuple(BASE if i == MIX else i for i in indices)
+        item_indices = torch.tensor(kernel_view if mixed else kernel_view[:1])
         self.plan = RowPlan(indices, self.stacks, self.plan.step + 1, self._shrinks[replayed], self.per_row,
-                            item_indices, preset)
+                            item_indices, preset, mixes)
         return self.plan
 
     def path_for(self, rows: int) -> Path:

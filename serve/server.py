@@ -259,16 +259,38 @@ def _too_many_failures(wait: float):
     return JSONResponse({"error": error}, status_code=429, headers={"Retry-After": str(seconds)})
 
 
-def make_app(service, access: AccessConfig, limits=None, fleet=None):
+def make_app(service, access: AccessConfig, limits=None, fleet=None, ui=None, runs=None):
     """The FastAPI app: API routes first, the Gradio UI mounted at /, the login throttle over both.
     limits: `serve.api.ApiLimits` (its defaults when None); fleet: `serve.management.FleetSettings`
-    (runtime loading off, /metrics behind the key, when None)."""
+    (runtime loading off, /metrics behind the key, when None); ui: `serve.ui_logic.UiSettings`
+    (votes beside the service's reports when None); runs: the Train tab's
+    `serve.training_runs.TrainingRuns` (`training_runs` makes it; None: no Train tab)."""
     from serve.api import ApiLimits, build_api
+    from serve.preferences import PreferenceLog
     from serve.ui import mount_ui
+    from serve.ui_logic import UiSettings
 
-    app = mount_ui(build_api(service, access.api_key, limits or ApiLimits(), fleet), service, access)
+    preferences = PreferenceLog((ui or UiSettings()).preferences_file(service.config.reports))
+    app = mount_ui(build_api(service, access.api_key, limits or ApiLimits(), fleet), service, access, preferences, runs)
     app.add_middleware(ThrottleMiddleware, throttle=FailureThrottle(access.throttle))
     return app
+
+
+def training_runs(service, ui=None):
+    """The Train tab's runs: on the server's base, publishing into its store, reading datasets from
+    the `ui` settings' data roots; a finished run refreshes the registry at once, so the adapter
+    (or its candidate, behind the promotion gate) is served without waiting for the watcher.
+    None when the settings name no data root. ValueError names a root that is not a folder."""
+    from serve.training_runs import TrainingRuns, TrainingRunsSettings
+    from serve.ui_logic import UiSettings
+
+    ui = ui or UiSettings()
+    if not ui.train_data_roots:
+        return None
+    settings = TrainingRunsSettings(data_roots=tuple(Path(r) for r in ui.train_data_roots),
+                                    store_dir=service.registry.store.root, base=service.config.base,
+                                    runs_dir=Path(ui.train_runs_dir), reports_dir=Path(service.config.reports))
+    return TrainingRuns(settings, on_finished=lambda _run, _progress: service.refresh())
 
 
 def bind(access: AccessConfig) -> socket.socket:
@@ -289,7 +311,7 @@ def _exit_on_signal(_signum: int, _frame) -> None:
     raise SystemExit(0)  # asked to stop, and stopped cleanly
 
 
-def run(service, access: AccessConfig, sock: socket.socket, limits=None, fleet=None) -> None:
+def run(service, access: AccessConfig, sock: socket.socket, limits=None, fleet=None, ui=None) -> None:
     """Serve on `sock` (from `bind`) until SIGINT or SIGTERM; requests still running
     GRACEFUL_SHUTDOWN_S later are cancelled. uvicorn then raises the signal again; for SIGTERM
     that is SystemExit(0) here, so the caller's cleanup (`Service.close`) runs before the process ends."""
@@ -299,11 +321,16 @@ def run(service, access: AccessConfig, sock: socket.socket, limits=None, fleet=N
 
     signal.signal(signal.SIGTERM, _exit_on_signal)  # the handler uvicorn restores and re-raises into
 
-    app = make_app(service, access, limits, fleet)
+    runs = training_runs(service, ui)
+    app = make_app(service, access, limits, fleet, ui, runs)
     warning = exposure_warning(access)
     if warning:
         print(warning, file=sys.stderr)
     host = f"[{access.host}]" if ":" in access.host else access.host
     print(f"loraswap serving on http://{host}:{access.port}  (UI at /, API at /v1)", file=sys.stderr)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if runs is not None:
+            runs.close()  # a run still going is stopped: nothing half-trained is published

@@ -4,6 +4,10 @@ The Gradio UI (`serve/ui.py`) and the OpenAI-compatible API (`serve/api.py`) are
 over one `Service`: one base, one registry (watching the store), one engine and one decode loop.
 A bounded number of requests may be waiting or running; past it `submit` raises `BusyError`,
 so a flood gets "busy" answers instead of an unbounded queue eating memory.
+
+Versions (docs/versions.md): the promotion gate (serve/gate.py) checks each new version of a
+served adapter before it goes live; `versions`, `gate_report`, `promote` and `rollback` are what
+the Adapters tab and the /v1/adapters routes call.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from typing import Protocol
 
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
 from adapters.base import DEFAULT_BASE
+from adapters.card import AdapterCard, ExamplePrompt, read_card
 from adapters.cli import AT_LEAST_ONE, POSITIVE, opt
 from serve.batcher import Stream
 from serve.engine import ChatRequest, ChatResult, Engine, RequestError, SamplingParams, ServeLimits
-from serve.registry import BASE_NAME, AdapterEntry, AdapterRegistry, Rejection
+from serve.gate import GateReport, GateSettings, PromotionGate
+from serve.registry import BASE_NAME, AdapterEntry, AdapterRegistry, Rejection, UnknownAdapterError
 from serve.routing import KERNELS, LoraRouter
 from serve.slots import DecodeSettings
 
@@ -64,6 +70,8 @@ class ServiceConfig:
     cache elsewhere) and whether it runs deterministically."""
     lora_kernel: str = opt("auto", "What adds each row's LoRA delta: auto (a fused C++ kernel for float32 on the CPU, "
                                    "torch ops elsewhere) or torch (torch ops everywhere).", choices=KERNELS)
+    gate: GateSettings = field(default_factory=GateSettings)
+    """The promotion gate new versions of a served adapter pass before they go live (docs/versions.md)."""
 
     def __post_init__(self) -> None:
         for name in ("max_loaded", "max_queue"):
@@ -101,6 +109,42 @@ class AdapterRow:
     loss_curve: Path | None
 
 
+@dataclass(frozen=True)
+class VersionRow:
+    """One stored version of an adapter, with its card's numbers, for the versions table."""
+
+    version: str
+    """The version folder's name: what `name@<version>` names."""
+    created_at: str
+    """When it was trained (the card's ISO time), '-' without a card."""
+    live: bool
+    candidate: bool
+    """Held back by the promotion gate: served only as name@candidate."""
+    rollback_target: bool
+    """What `rollback` would make live."""
+    status: str
+    """'servable', 'rejected: <why>', or 'not checked' (checked on its first use)."""
+    metric: str | None
+    adapter_metric: float | None
+    base_metric: float | None
+    eval_examples: int | None
+    r: int | None
+    alpha: float | None
+    learning_rate: float | None
+    golden: int
+    """Golden prompts on its card (0: it passes the gate unchecked)."""
+
+
+@dataclass(frozen=True)
+class VersionPointers:
+    """Where a name's pointers stand after a promote or a rollback."""
+
+    name: str
+    live: str | None
+    candidate: str | None
+    rollback_target: str | None
+
+
 class Service:
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, config: ServiceConfig = ServiceConfig()):
         self.base, self.registry, self.config = base, registry, config
@@ -111,20 +155,32 @@ class Service:
         self._held = 0
         self._held_lock = threading.Lock()
         self._observers: list[RequestObserver] = []
+        self.gate: PromotionGate | None = None
+        if config.gate.enabled:
+            self.gate = PromotionGate(registry, self.engine.generate, self._count_tokens, config.gate)
+            registry.set_gate(self.gate.submit)
 
     @classmethod
     def start(cls, config: ServiceConfig) -> "Service":
-        """Load the base once, register the store's adapters and keep watching it."""
+        """Load the base once, register the store's adapters and keep watching it (through the
+        promotion gate, unless it is off)."""
         base = load_base(BaseConfig(config.base, quantize=config.quantize, trust_remote_code=config.trust_remote_code))
         registry = AdapterRegistry(AdapterStore(config.adapters), BaseShape.of(base.model, base.fingerprint))
+        service = cls(base, registry, config)
+        # Scanned once the gate is set, so a check a restart interrupted is taken up again.
         registry.refresh()
         registry.watch(config.watch_s)
-        return cls(base, registry, config)
+        return service
 
     def close(self) -> None:
-        """Stop watching the store and stop the decode loop; requests it still held end with an error."""
+        """Stop watching the store, the gate and the decode loop; requests it still held end with an error."""
         self.registry.close()
+        if self.gate is not None:
+            self.gate.close()
         self.engine.close()
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.base.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -- requests --------------------------------------------------------------------
     def submit(self, request: ChatRequest) -> Stream:
@@ -275,6 +331,67 @@ class Service:
             self.engine.forget(entry.key)
         return entry
 
+    # -- versions ------------------------------------------------------------------
+    def versions(self, name: str) -> list[VersionRow]:
+        """Every stored version of `name`, oldest first, with its card's numbers side by side.
+        UnknownAdapterError for a name the store does not serve."""
+        self._require_store_name(name)
+        store, registry = self.registry.store, self.registry
+        live, candidate = store.live_version(name), registry.candidate(name)
+        target = store.rollback_target(name)
+        return [_version_row(folder, registry.checked_version(name, folder.name), live, candidate, target)
+                for folder in store.versions(name)]
+
+    def gate_report(self, name: str) -> GateReport | None:
+        """The promotion gate's last decision about `name` (kept in the store, so it outlives a
+        restart); None when it decided none."""
+        self._require_store_name(name)
+        text = self.registry.store.read_note(name)
+        return GateReport.from_json(text) if text else None
+
+    def promote(self, name: str, version: str | None = None) -> VersionPointers:
+        """Make `version` of `name` live (None: its candidate), in one atomic pointer flip; a
+        request already running keeps the version it started on. UnknownAdapterError for a name
+        not served from the store; NoVersionError (serve.registry) when there is no such version,
+        no candidate, or the version cannot be served."""
+        self.registry.promote(name, version)
+        return self.pointers(name)
+
+    def rollback(self, name: str) -> VersionPointers:
+        """Make the version live before the current one live again (a second rollback undoes the
+        first); errors as `promote`'s, NoVersionError when there is no earlier version."""
+        self.registry.rollback(name)
+        return self.pointers(name)
+
+    def pointers(self, name: str) -> VersionPointers:
+        store = self.registry.store
+        return VersionPointers(name, store.live_version(name), self.registry.candidate(name), store.rollback_target(name))
+
+    def _require_store_name(self, name: str) -> None:
+        if self.registry.live_entry(name) is None:
+            raise UnknownAdapterError(name, self.registry.available())
+
+    def examples(self, names: list[str]) -> list[str]:
+        """The example user prompts on the cards of the adapters named (versions too: 'name@...'),
+        in order, each once. 'base', and names not servable, add none."""
+        return [example.user for example in self.example_prompts(names)]
+
+    def example_prompts(self, names: list[str]) -> list[ExamplePrompt]:
+        """As `examples`, with each example's system prompt (None where its eval data has none)."""
+        prompts: dict[str, ExamplePrompt] = {}
+        for name in names:
+            card = self._card_of(name)
+            for example in card.examples if card else []:
+                prompts.setdefault(example.user, example)
+        return list(prompts.values())
+
+    def _card_of(self, name: str) -> AdapterCard | None:
+        try:
+            entry = self.registry.resolve(name)
+        except UnknownAdapterError:
+            return None  # a name gone since the page listed it adds no examples
+        return entry.card if entry else None
+
     def health(self) -> str | None:
         """Why the server cannot serve now; None when it can."""
         if not self.batcher.is_alive():
@@ -301,6 +418,32 @@ def divergence(reference: str, answer: str) -> int | None:
         if a != b:
             return i
     return None if len(ref) == len(ans) else min(len(ref), len(ans))
+
+
+def _version_row(folder: Path, checked: AdapterEntry | Rejection | None, live: str | None, candidate: str | None,
+                 target: str | None) -> VersionRow:
+    card, problem = _read_card_or_problem(folder)
+    if isinstance(checked, Rejection):
+        status = f"rejected: {checked.reason}"
+    else:
+        status = "servable" if checked is not None or folder.name == live else "not checked"
+    if problem:
+        status = f"{status}; {problem}"
+    metric = card.metric if card else None
+    return VersionRow(
+        version=folder.name, created_at=card.created_at if card else "-", live=folder.name == live,
+        candidate=folder.name == candidate, rollback_target=folder.name == target, status=status,
+        metric=metric.name if metric else None, adapter_metric=metric.adapter if metric else None,
+        base_metric=metric.base if metric else None, eval_examples=metric.eval_examples if metric else None,
+        r=card.lora.r if card else None, alpha=card.lora.alpha if card else None,
+        learning_rate=card.training.learning_rate if card else None, golden=len(card.golden) if card else 0)
+
+
+def _read_card_or_problem(folder: Path) -> tuple[AdapterCard | None, str | None]:
+    try:
+        return read_card(folder), None
+    except ValueError as err:  # a card that will not read is shown as such, the listing goes on
+        return None, "no readable card" if not (folder / "card.json").is_file() else str(err)
 
 
 def _when(iso: str) -> str:

@@ -234,7 +234,7 @@ def two_adapters(tiny_base, tmp_path_factory, pytestconfig) -> AdapterStore:
     if built == scratch / "built":
         return AdapterStore(built / "store")
     root = tmp_path_factory.mktemp("two-adapters")  # a copy: tests add to and replace in the store
-    shutil.copytree(built, root, dirs_exist_ok=True)  # the store and, beside it, each task's data
+    shutil.copytree(built, root, dirs_exist_ok=True, symlinks=True)  # the store (its name -> version links kept) and each task's data
     return AdapterStore(root / "store")
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -74,6 +75,15 @@ class PreparedData:
     """Training examples over max_length tokens."""
     long_lines: list[int]
     """Training-file lines over max_line_bytes, dropped unread."""
+
+
+Report = Callable[[dict], None]
+"""Receives the run's progress events, one dict each ("event": start, step, eval, saved), in the
+main process only; `python -m train --progress-file` writes them as JSON lines (docs/training.md#progress-events)."""
+
+
+def no_report(event: dict) -> None:
+    """The default Report: progress goes to the log and the progress bar only."""
 
 
 @dataclass
@@ -270,8 +280,11 @@ def config_digest(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult:
+def train(config: TrainConfig, store: AdapterStore | None = None, report: Report = no_report) -> TrainResult:
     """Train one adapter and publish it in the store. Nothing is written before data and settings check out.
+
+    `report` gets the progress events (`Report`): once the steps are counted, after every optimizer
+    step, after every eval, and once the adapter is published.
 
     TrainingDiverged when the loss (every step), the trained LoRA weights or the final eval loss
     are inf or NaN: the store is left untouched. Under a launcher's several processes only the
@@ -321,6 +334,9 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     device = accelerator.device
     started = time.perf_counter() - progress.elapsed_s
     bar = tqdm(total=total_steps, initial=progress.step, desc=config.name, disable=not accelerator.is_main_process)
+    report = report if accelerator.is_main_process else no_report
+    report({"event": "start", "step": progress.step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "train_examples": len(data.train), "eval_examples": len(data.eval_examples)})
     model.train()
     while progress.step < total_steps:
         steps = epoch_windows(lengths, config, progress.epoch, accelerator)
@@ -332,6 +348,8 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{progress.tokens / max(elapsed - progress.eval_s, 1e-9):.0f}")
             if progress.step % config.log_every == 0 or progress.step == 1:
                 progress.history.append({"step": progress.step, "train_loss": round(loss_value, 5)})
+            report({"event": "step", "step": progress.step, "total_steps": total_steps, "loss": loss_value,
+                    "epoch": progress.step / steps_per_epoch, "lr": scheduler.get_last_lr()[0], "elapsed_s": elapsed})
             if progress.step >= total_steps:
                 break
             if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and accelerator.is_main_process:
@@ -342,6 +360,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
             eval_started = time.perf_counter()
             _end_of_epoch(model, tokenizer, data, progress, device, accelerator, base.stop_token_ids)
             progress.eval_s += time.perf_counter() - eval_started
+            report({"event": "eval", "total_steps": total_steps, **progress.history[-1]})
             progress.epoch += 1
             progress.step_in_epoch = 0
             continue
@@ -353,6 +372,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     if not math.isfinite(final_eval):
         raise TrainingDiverged(f"the eval loss after step {progress.step} is {final_eval}; nothing was published")
     progress.history.append({"step": progress.step, "eval_loss": round(final_eval, 5)})
+    report({"event": "eval", "total_steps": total_steps, "epoch": progress.step / steps_per_epoch, **progress.history[-1]})
 
     unwrapped: PeftModel = accelerator.unwrap_model(model)
     metric = _score(unwrapped, tokenizer, data.eval_examples, device, base.stop_token_ids)
@@ -363,8 +383,10 @@ def train(config: TrainConfig, store: AdapterStore | None = None) -> TrainResult
     if accelerator.is_main_process:
         if config.checkpoint_every:
             save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress)
-        path = save_adapter(store, unwrapped, tokenizer, card)
+        path = save_adapter(store, unwrapped, tokenizer, card, data.eval_examples)  # golden prompts and examples from them
         log.info("saved adapter %s: exact match base %.3f -> adapter %.3f", path, metric.base, metric.adapter)
+        report({"event": "saved", "step": progress.step, "total_steps": total_steps, "adapter_dir": str(path),
+                "exact_match": {"base": metric.base, "adapter": metric.adapter}})
     # No process returns (and so no launcher sees the job end) before the adapter is published.
     accelerator.wait_for_everyone()
     return TrainResult(store.path(config.name), card, accelerator.is_main_process)
