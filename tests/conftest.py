@@ -282,3 +282,27 @@ def cpu_flags() -> str:
         return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         return platform.processor()
+
+
+def run_triton_checks(request, tmp_path: Path, checks: str) -> None:
+    """Run tests/<checks> in a pytest process of its own: interpreted (TRITON_INTERPRET=1) without a
+    GPU, with this run's marker selection; fail unless every check ran and passed.
+
+    Triton fixes at its first import whether it compiles or interprets, and this process imported
+    it already (peft does), so only a fresh process can interpret."""
+    import subprocess
+    import sys
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    markers = request.config.getoption("markexpr")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "checks"),
+               *(["-m", markers] if markers else []), str(root / "tests" / checks)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    last = done.stdout.splitlines()[-1]
+    assert " passed" in last and "skipped" not in last and "deselected" not in last, done.stdout[-2000:]

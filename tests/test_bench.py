@@ -129,3 +129,106 @@ def test_lora_products_bench_times_every_variant_and_each_computes_the_product(t
             assert figures["us_per_call"] > 0 and figures["max_rel_error"] < 1e-4, (kind, name)
         current = {"shrink": "mm_At", "expand": "addmm_"}[kind]
         assert case["variants"][current]["vs_current"] == 1.0
+
+
+# --- make bench-train: ours against every training baseline -------------------------------------
+
+WORDS = "red green blue cold warm water stone river light dark".split()
+
+
+def _varied_chats(n: int) -> list[dict]:
+    """Echo tasks of 1 to 10 words: lengths vary, so how batches are formed changes the padding."""
+    from conftest import chat
+
+    return [chat("Echo: " + " ".join(WORDS[: 1 + i % 10]), " ".join(WORDS[: 1 + i % 10])) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_bench_train_quick_runs_ours_and_every_baseline_on_the_same_examples(tiny_base, tmp_path):
+    from conftest import write_jsonl
+
+    from bench.training import BASELINES
+
+    data = write_jsonl(tmp_path / "train.jsonl", _varied_chats(32))
+    evals = write_jsonl(tmp_path / "eval.jsonl", _varied_chats(16))
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, "-m", "bench.train", "--quick", "--base", str(tiny_base), "--data", str(data),
+                           "--eval-data", str(evals), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sides = report["sides"]
+    assert sorted(sides) == sorted(["ours", *BASELINES])
+    # One epoch of two micro-batches: every side took the same two steps over all 32 examples
+    # (TRL's tokens and loss masks were checked to be ours before it trained) ...
+    assert {side: run["steps"] for side, run in sides.items()} == dict.fromkeys(sides, 2)
+    unpacked = [side for side in sides if side != "trl_packed"]
+    assert len({sides[side]["real_tokens"] for side in unpacked}) == 1
+    # ... packed rows of about a micro-batch's tokens each: two steps hold at most all of them.
+    assert 0 < sides["trl_packed"]["real_tokens"] <= sides["ours"]["real_tokens"]
+    # Padding: none padding-free. Ours splits the epoch's sorted lengths into batches, which no
+    # other split of the same examples undercuts. (The Trainer's grouped sampler sorts within
+    # "megabatches" of up to 50 batches, but of one batch under 4 batches' examples, as here.)
+    for side in ("trl_padding_free", "trl_packed"):
+        assert sides[side]["padded_tokens"] == sides[side]["real_tokens"], side
+    assert all(sides["ours"]["padded_tokens"] <= sides[side]["padded_tokens"] for side in ("trainer", "trainer_grouped"))
+    assert sides["ours"]["padded_tokens"] < sides["trainer"]["padded_tokens"]
+    # The ratios are against the fastest baseline, by median tokens/s.
+    fastest = max(BASELINES, key=lambda side: sides[side]["tokens_per_s"])
+    assert report["fastest_baseline"] == fastest
+    assert report["tokens_per_s_ratio"] == round(sides["ours"]["tokens_per_s"] / sides[fastest]["tokens_per_s"], 2)
+    gap = abs(sides["ours"]["eval_loss"] - sides[fastest]["eval_loss"]) / sides[fastest]["eval_loss"]
+    assert report["eval_loss_gap"] == round(gap, 4) and report["same_eval_loss_within_1pct"] == (gap <= 0.01)
+    assert "fastest baseline: " + fastest in done.stdout
+
+
+def test_trl_padding_free_batch_keeps_examples_apart_on_sdpa_only_without_a_cache(tiny_base):
+    """What the trl_padding_free baseline relies on: with no attention mask and no KV cache,
+    transformers reads the packed examples from the position ids and builds a block-diagonal
+    mask for SDPA, so the flattened row scores each example as alone. With a cache (the default
+    use_cache=True of a plain forward) that detection is off and the examples attend to each other."""
+    import torch.nn.functional as F
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from adapters.base import BaseConfig, load_base
+    from adapters.data import Example
+    from adapters.chat import Message
+    from train.data import tokenize_example
+
+    base = load_base(BaseConfig(str(tiny_base)))
+    rows = _varied_chats(6)
+    items = [tokenize_example(base.tokenizer, Example(tuple(Message(**m) for m in r["messages"]), i + 1))
+             for i, r in enumerate(rows)]
+
+    def loss_sum(logits, labels):  # [1, seq, vocab], [1, seq]
+        return float(F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum"))
+
+    flat = DataCollatorForLanguageModeling(pad_token_id=base.tokenizer.pad_token_id, padding_free=True)(
+        [{"input_ids": t.input_ids, "labels": t.labels} for t in items])
+    inputs = {k: v for k, v in flat.items() if k != "labels"}
+    with torch.no_grad():
+        alone = sum(loss_sum(base.model(input_ids=torch.tensor([t.input_ids]), use_cache=False).logits,
+                             torch.tensor([t.labels])) for t in items)
+        packed = loss_sum(base.model(**inputs, use_cache=False).logits, flat["labels"])
+        cached = loss_sum(base.model(**inputs, use_cache=True).logits, flat["labels"])
+    # The same float32 products over other shapes: they differ by reordered sums only, a few
+    # units of float32's 1.2e-7 per product, far under 1e-5 of the total.
+    assert abs(packed - alone) <= 1e-5 * alone
+    # The silent failure, kept visible: a hundred times past that reordering bound.
+    assert abs(cached - alone) > 1e-3 * alone
+
+
+def test_trl_tokens_that_are_not_ours_are_refused():
+    from bench.training import check_same_tokens
+    from train.data import Tokenized
+
+    ours = [Tokenized([2, 5, 7, 3], [-100, -100, 7, 3], 1), Tokenized([2, 6, 3], [-100, 6, 3], 2)]
+    same = [{"input_ids": t.input_ids, "labels": t.labels} for t in ours]
+    check_same_tokens(same, ours, packed=False)
+    check_same_tokens([{"input_ids": [2, 6, 3, 2, 5, 7, 3], "labels": [-100, 6, 3, -100, -100, 7, 3], "seq_lengths": [3, 4]}],
+                      ours, packed=True)
+    with pytest.raises(ValueError, match="line 2"):
+        check_same_tokens([same[0], {"input_ids": [2, 6, 3], "labels": [-100, -100, 3]}], ours, packed=False)
+    with pytest.raises(ValueError, match="packed rows"):
+        check_same_tokens([{"input_ids": [2, 6, 3, 2, 5, 7, 3], "labels": [-100, 6, 3, -100, 5, 7, 3], "seq_lengths": [3, 4]}],
+                          ours, packed=True)

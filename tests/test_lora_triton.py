@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.conftest import run_triton_checks
 
 if sys.platform == "linux" and platform.machine() == "x86_64":
     import triton  # noqa: F401  the dev extras install it here: missing is a failure, not a skip
@@ -23,18 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_kernel_checks_pass_in_a_process_of_their_own(request, tmp_path):
-    """Triton fixes at its first import whether it compiles or interprets, and this process
-    imported it already (peft does): without a GPU the checks run under its interpreter in a
-    process started with TRITON_INTERPRET=1, which nothing else in the suite is run with."""
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    markers = request.config.getoption("markexpr")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "checks"),
-               *(["-m", markers] if markers else []), str(ROOT / "tests" / "lora_triton_checks.py")]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout.splitlines()[-1] and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    """Without a GPU, under Triton's interpreter, in a process started with TRITON_INTERPRET=1
+    (`run_triton_checks` says why a process of its own)."""
+    run_triton_checks(request, tmp_path, "lora_triton_checks.py")
 
 
 COMPILE_FOR_HOPPER = """
