@@ -36,7 +36,7 @@ help:
 	@echo "make bench-serve     the engine vs one-at-a-time set_adapter serving (bench/results/serve.json)"
 	@echo "make bench-many      100 adapters on one base: distinct adapters per batch, LRU churn, memory (bench/results/many-adapters-*.json)"
 	@echo "make bench-grammar   xgrammar vs llguidance for JSON output on the CPU (bench/results/grammar.json)"
-	@echo "make bench-train     our training loop vs Trainer + peft on the CPU (bench/results/train.json)"
+	@echo "make bench-train     our training loop vs Trainer (random, length-grouped) and TRL SFTTrainer (padding-free, packed) on the CPU (bench/results/train.json)"
 	@echo "make bench-train-serving  batch-1 serving latency without and with a low-priority training run (bench/results/train-while-serving.json)"
 	@echo "make bench-gpu       Llama-3.2-1B and 3.1-8B shapes on a GPU; SIZE=tiny runs it on the CPU; STAGES=serving|training; SKIP=\"experiments\" (SKIP=none: all); PROFILE=1 adds profiles"
 	@echo "make serve-vllm      the vLLM multi-LoRA launch command for every servable adapter"

@@ -280,14 +280,20 @@ def training_runs(service, ui=None):
     """The Train tab's runs: on the server's base, publishing into its store, reading datasets from
     the `ui` settings' data roots; a finished run refreshes the registry at once, so the adapter
     (or its candidate, behind the promotion gate) is served without waiting for the watcher.
-    None when the settings name no data root. ValueError names a root that is not a folder."""
+    None when the settings name no data root. A root that does not exist is made; ValueError names
+    one that is not a folder."""
     from serve.training_runs import TrainingRuns, TrainingRunsSettings
     from serve.ui_logic import UiSettings
 
     ui = ui or UiSettings()
     if not ui.train_data_roots:
         return None
-    settings = TrainingRunsSettings(data_roots=tuple(Path(r) for r in ui.train_data_roots),
+    roots = tuple(Path(r) for r in ui.train_data_roots)
+    for root in roots:
+        if not root.exists():  # a fresh checkout has no data/ until `make data`: uploads still need a home
+            root.mkdir(parents=True)
+            log.info("created the Train tab's data root %s", root)
+    settings = TrainingRunsSettings(data_roots=roots,
                                     store_dir=service.registry.store.root, base=service.config.base,
                                     runs_dir=Path(ui.train_runs_dir), reports_dir=Path(service.config.reports))
     return TrainingRuns(settings, on_finished=lambda _run, _progress: service.refresh())
