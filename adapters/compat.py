@@ -123,10 +123,10 @@ def read_adapter_files(folder: Path) -> AdapterShape:
     folder = Path(folder)
     _refuse_pickles(folder)
     _require_files(folder)
-    config = _read_config(folder / ADAPTER_CONFIG)
+    config = read_config(folder / ADAPTER_CONFIG)
     tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
     embeddings = sorted({key.split(EMBEDDING_MARK)[0].removeprefix(KEY_PREFIX) for key in tensors if EMBEDDING_MARK in key})
-    if not embeddings and not any(_lora_part(key) for key in tensors):
+    if not embeddings and not any(lora_part(key) for key in tensors):
         raise AdapterCheckError(f"{ADAPTER_WEIGHTS} holds no LoRA A/B matrices")
     pairs = _lora_pairs(tensors)
     shapes = {module: (a[1], b[0]) for module, (a, b) in pairs.items()}
@@ -151,7 +151,7 @@ def _require_files(folder: Path) -> None:
         raise AdapterCheckError(f"missing {' and '.join(missing)}")
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -185,7 +185,7 @@ def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     not_finite = sorted(key for key, t in tensors.items() if t.dtype.is_floating_point and not torch.isfinite(t.float()).all())
     if not_finite:
         problems.append(f"tensors hold NaN or inf values: {_listed(not_finite)}")
-    stray = sorted(key for key in tensors if _lora_part(key) is None and EMBEDDING_MARK not in key
+    stray = sorted(key for key in tensors if lora_part(key) is None and EMBEDDING_MARK not in key
                    and not key.endswith(TOKEN_ROWS_SUFFIX))
     if stray:
         # peft would drop them, or load full layers into the base every request shares.
@@ -194,7 +194,7 @@ def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
-def _lora_part(key: str) -> tuple[str, int] | None:
+def lora_part(key: str) -> tuple[str, int] | None:
     """(module name, 0 for A or 1 for B) for a LoRA matrix's key; None for any other tensor."""
     for suffix, index in LORA_PARTS.items():
         if key.endswith(suffix):
@@ -206,7 +206,7 @@ def _halves(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, ...] 
     """Module -> [lora_A shape [r, in], lora_B shape [out, r]], None for a missing half."""
     halves: dict[str, list[tuple[int, ...] | None]] = {}
     for key, tensor in tensors.items():
-        part = _lora_part(key)
+        part = lora_part(key)
         if part is not None:
             halves.setdefault(part[0], [None, None])[part[1]] = tuple(tensor.shape)
     return halves
@@ -487,7 +487,7 @@ def read_token_rows(folder: Path, base: BaseShape) -> TokenRows:
     """The adapter's trained token rows as they act on this base (float32, on the CPU): the
     embedding's rows on the input; on the output, the head's own rows, or on a tied base without
     them the embedding's (peft ties them so). AdapterCheckError for rows `check_adapter` refuses."""
-    if not _read_config(Path(folder) / ADAPTER_CONFIG).get("trainable_token_indices"):
+    if not read_config(Path(folder) / ADAPTER_CONFIG).get("trainable_token_indices"):
         return TokenRows()  # what the engine loads most: answered from the config alone
     adapter = read_adapter_files(folder)
     saved = {k: t for k, t in _read_tensors(Path(folder) / ADAPTER_WEIGHTS).items() if k.endswith(TOKEN_ROWS_SUFFIX)}

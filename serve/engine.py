@@ -1,4 +1,4 @@
-"""The serving engine: one 4-bit base, adapters loaded into one peft model by key, and every
+"""The serving engine: one 4-bit base, adapters held by key in the LoRA router's stacks, and every
 request routed to its own adapter per row (`serve/routing.py`), never by a shared `set_adapter`.
 
 Only this module touches peft adapter state. Deciding which adapters stay resident (the LRU in
@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from adapters.base import LoadedBase, end_of_turn_id
 from adapters.chat import Message, encode_prompt
-from adapters.compat import read_token_rows
+from adapters.compat import BaseShape, TokenRows, read_token_rows
 from adapters.store import CHAT_TEMPLATE_FILE
+from adapters.weights import AdapterWeights, read_adapter_weights
 from serve.grammar import GrammarError, Grammars, ResponseFormat
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
 from serve.mixes import MixError, is_mix, parse_mix
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 SEED_RANGE = 2**64
 """A request's seed is one of torch.Generator's: 0 <= seed < 2**64."""
 MAX_LOGPROBS = 20
+WRAPPERS = "wrappers"
+"""The name of the rank-1 peft adapters that only give base modules their LoRA wrappers (`Engine._wrap`)."""
 """The most alternatives a request may ask log-probabilities for (OpenAI's limit)."""
 
 
@@ -229,6 +232,10 @@ class AdapterCache:
     def remove(self, key: str) -> None:
         self._keys.pop(key, None)
 
+    def holds(self, key: str) -> bool:
+        """Whether the key is resident (a hint when asked outside the engine lock)."""
+        return key in self._keys
+
     def evictions(self, pinned: set[str]) -> list[str]:
         """Keys to unload to get back within capacity, oldest first, never a pinned one."""
         over = len(self._keys) - self.capacity
@@ -236,6 +243,35 @@ class AdapterCache:
         for key in victims:
             del self._keys[key]
         return victims
+
+
+def read_adapter(entry: AdapterEntry, base: BaseShape) -> tuple[AdapterWeights, TokenRows]:
+    """An adapter's LoRA weights and trained token rows, read from its folder (CPU tensors)."""
+    return read_adapter_weights(entry.path), read_token_rows(entry.path, base)
+
+
+class Prefetched:
+    """Adapters read ahead of their load, by key, the oldest dropped beyond `capacity`; thread-safe
+    (request threads put, the decode loop takes)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[AdapterWeights, TokenRows]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def put(self, key: str, item: tuple[AdapterWeights, TokenRows]) -> None:
+        with self._lock:
+            self._items[key] = item
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def take(self, key: str) -> tuple[AdapterWeights, TokenRows] | None:
+        with self._lock:
+            return self._items.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -294,8 +330,14 @@ class Engine:
         self._router: LoraRouter | None = None
         self._tokens = TokenRowRouter(base.model, per_row=decode.deterministic)
         """The resident adapters' trained token rows, applied per row (serve/token_rows.py)."""
-        self._host: dict[str, tuple[PeftConfig, dict]] = {}
+        self._host: dict[str, AdapterWeights] = {}
         """Evicted adapters' weights kept in host memory: reloading them reads no file."""
+        self._loaded: dict[str, AdapterWeights] = {}
+        """Adapters loaded since the last restack, not yet in the router's stacks."""
+        self._prefetched = Prefetched(max_loaded)
+        """Adapter files read ahead of their load, outside the lock (`prefetch`)."""
+        self._wrapped: set[str] = set()
+        """Base modules that have a LoRA wrapper (`_wrap`)."""
         self.lock = threading.Lock()
         """Held while the model runs or its adapters change: the decode loop holds it for a step."""
         self._templates: dict[str, str | None] = {}
@@ -315,82 +357,69 @@ class Engine:
 
     # -- adapter residency -------------------------------------------------------------
     def _load(self, entry: AdapterEntry) -> None:
-        """Put one adapter's weights in the peft model; on failure nothing of it stays there."""
+        """Ready one adapter's weights for the next restack; on failure nothing of it stays."""
         try:
-            source = "host" if entry.key in self._host else "disk"
-            if source == "host":
-                config, weights = self._host.pop(entry.key)
-                self._model.add_adapter(entry.key, config)
-                set_peft_model_state_dict(self._model, weights, adapter_name=entry.key)
-            else:
-                self.loads_from_disk += 1
-                self._load_from_disk(entry)
-            self._name_an_active_adapter()
-            self._check_finite(entry)
+            weights, source = self._take_weights(entry)
+            weights.check_finite()
+            self._wrap(weights.modules())
+            self._loaded[entry.key] = weights
             self.residency.loaded(entry.key, entry.name, source)
         except Exception as err:
             self._discard(entry.key)
             raise AdapterLoadError(f"adapter {entry.name!r} could not be loaded from {entry.path}: "
                                    f"{type(err).__name__}: {err}") from err
 
-    def _name_an_active_adapter(self) -> None:
-        """peft's forward reads the config of its one 'active' adapter (the router, not peft, decides
-        what each row adds). Deleting the adapter it names (an eviction) does not always name
-        another, nor does adding one later, and every forward would then fail: name a loaded one."""
-        configs = self._model.peft_config
-        if configs and self._model.active_adapter not in configs:
-            self._model.active_adapter = next(iter(configs))
-
-    def _load_from_disk(self, entry: AdapterEntry) -> None:
-        rows = read_token_rows(entry.path, self.registry.base)
-        config = self._lora_only_config(entry) if rows else None  # None: peft reads the folder's own
-        if self._model is None:
-            self._model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.key, config=config)
-        else:
-            if config is not None:  # added first, so load_adapter only loads the weights
-                self._model.add_adapter(entry.key, config)
-            self._model.load_adapter(str(entry.path), adapter_name=entry.key)
-        self._model.eval()
+    def _take_weights(self, entry: AdapterEntry) -> tuple[AdapterWeights, str]:
+        """The adapter's weights from host memory (evicted before), else read ahead (`prefetch`) or
+        now from its folder; (weights, where from)."""
+        if entry.key in self._host:
+            return self._host.pop(entry.key), "host"
+        self.loads_from_disk += 1
+        weights, rows = self._prefetched.take(entry.key) or read_adapter(entry, self.registry.base)
         self._tokens.add(entry.key, rows)
+        return weights, "disk"
 
-    @staticmethod
-    def _lora_only_config(entry: AdapterEntry) -> LoraConfig:
-        """The adapter's config without its token rows: peft would wrap the shared embedding and
-        head to apply them for its one active adapter, to every request. Their tensors in the
-        weights file then match no module, and peft's non-strict load leaves them out."""
-        config = LoraConfig.from_pretrained(str(entry.path))
-        config.trainable_token_indices = None
-        config.inference_mode = True
-        return config
+    def _wrap(self, modules: set[str]) -> None:
+        """Give peft LoRA wrappers to the base modules that have none yet, through a rank-1 adapter
+        of their own that nothing routes to: the router patches every wrapper's forward and adds
+        each row's delta from its stacks, so served adapters never enter peft (a walk over every
+        module of the model per load, and again per eviction, would be most of a miss's time)."""
+        missing = sorted(modules - self._wrapped)
+        if not missing:
+            return
+        config = LoraConfig(r=1, lora_alpha=1, target_modules=missing, inference_mode=True, task_type="CAUSAL_LM")
+        if self._model is None:
+            self._model = get_peft_model(self.base.model, config, adapter_name=WRAPPERS)
+        else:
+            self._model.add_adapter(f"{WRAPPERS}-{len(self._model.peft_config)}", config)
+        self._model.eval()
+        self._wrapped.update(missing)
 
-    def _check_finite(self, entry: AdapterEntry) -> None:
-        """Refuse non-finite weights: on the masked path one adapter's NaN would reach every row."""
-        for name, tensor in self._adapter_weights(entry.key).items():
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{name} holds non-finite values")
-
-    def _adapter_weights(self, key: str) -> dict[str, torch.Tensor]:
-        # Only the adapter's own parameters are read: a full state_dict() would also serialise
-        # (and on some CPUs unpack) every 4-bit base weight.
-        own = {name: p for name, p in self._model.named_parameters() if f".{key}." in name or name.endswith(f".{key}")}
-        return get_peft_model_state_dict(self._model, state_dict=own, adapter_name=key)
+    def prefetch(self, entries: Sequence[AdapterEntry]) -> None:
+        """Read the files of adapters that are neither resident nor in host memory, in the calling
+        thread: a request's own (`prepare`), so its load under the engine lock copies tensors and
+        reads nothing. A read that fails is left for the load to repeat and report."""
+        for entry in entries:
+            if entry.key in self._host or self.cache.holds(entry.key) or entry.key in self._prefetched:
+                continue
+            try:
+                self._prefetched.put(entry.key, read_adapter(entry, self.registry.base))
+            except Exception:  # noqa: BLE001 -- the load under the lock raises it with the adapter's name
+                log.debug("prefetch of %s failed; its load will report why", entry.name, exc_info=True)
 
     def _discard(self, key: str) -> None:
-        """Forget a key everywhere (peft model, LRU, host copies), whatever state a failed load left."""
+        """Forget a key everywhere (stacks to be, LRU, host copies), whatever state a failed load left."""
         self.cache.remove(key)
         self._host.pop(key, None)
+        self._loaded.pop(key, None)
+        self._prefetched.take(key)
         self._templates.pop(key, None)
         self._tokens.remove(key)
-        if self._model is not None and key in self._model.peft_config:
-            self._model.delete_adapter(key)
-            self._name_an_active_adapter()
         self.residency.dropped(key)
 
     def _unload(self, key: str) -> None:
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self._adapter_weights(key).items()}
-        self._host[key] = (self._model.peft_config[key], weights)
-        self._model.delete_adapter(key)
-        self._name_an_active_adapter()
+        weights = self._loaded.pop(key, None) or self._router.weights_of(key)
+        self._host[key] = weights.to("cpu")  # a copy: the stacks' storage is freed at the restack
         self.residency.evicted(key, self._names.get(key, key))
 
     def make_resident(self, entries: list[AdapterEntry]) -> dict[str, AdapterLoadError]:
@@ -425,7 +454,8 @@ class Engine:
 
     def _restack(self) -> None:
         """Stack the resident adapters' weights again: the LoRA router's and the token rows'."""
-        self._router.rebuild(self.cache.resident())
+        self._router.rebuild(self.cache.resident(), self._loaded)
+        self._loaded.clear()
         self._tokens.rebuild(self.cache.resident())
 
     def route(self, keys: list[RowKey], replayed: bool = False) -> torch.nn.Module:
@@ -436,9 +466,7 @@ class Engine:
         self._router.set_rows(keys, replayed)
         # A mix's token rows are its first part's (the adapter whose chat template it speaks in).
         self._tokens.set_rows([key[0][0] if isinstance(key, tuple) else key for key in keys])
-        # With every adapter evicted the peft wrapper has none, and its forward fails on that; the
-        # model under it computes the same (its adapted layers stay in place, routed to the base).
-        return self._model if self._model.peft_config else self.base.model
+        return self._model
 
     @property
     def router(self) -> LoraRouter | None:
@@ -497,6 +525,7 @@ class Engine:
         """Resolve the adapter, render the chat template and tokenize: in the caller's thread, so
         a long prompt never holds up the decode loop. Raises UnknownAdapterError or RequestError."""
         entry, mix = self._resolve(request.adapter)
+        self.prefetch([e for e, _ in mix] or [e for e in (entry,) if e is not None])
         prompt = self._encode(request, entry)
         # Capped, never refused: by the server's limit and by the room the context leaves.
         max_new = min(request.params.max_new_tokens, self.limits.max_new_tokens)

@@ -8,9 +8,10 @@ step costs the same few operations per layer however many adapters the batch mix
 
 Three pieces, each with one job:
 
-- `stack_adapters` is a function from the resident adapters (their keys, in index order) to a
-  `StackSet`: every adapted layer's stacks, built whole and never changed. `share_storage` then
-  points peft's own A and B at them, so the stacks are the only copy on the device.
+- `stack_adapters` is a function from the resident adapters (their keys and weights, in index
+  order) to a `StackSet`: every adapted layer's stacks, built whole and never changed. The router
+  then keeps each adapter's weights as views into them (`stacked_weights`; `share_storage` points
+  peft's own A and B there for an adapter peft loaded), so the stacks are the only copy on the device.
 - `RowPlan` is what one forward computes: each batch item's adapter index, and the masks or
   groups the paths derive from them. `LoraRouter.set_rows` makes a new plan for each step.
 - `Path` names the ways a layer adds its delta, and `torch_path` picks one from the plan and the
@@ -44,12 +45,13 @@ import enum
 import functools
 import importlib.util
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
 
+from adapters.weights import AdapterWeights, LoraPair
 from serve import kernels
 
 KERNEL_MAX_ROWS = 64
@@ -239,12 +241,25 @@ class StackSet:
         return len(self.keys) * self.rank
 
 
-def stack_adapters(layers: list[LoraLayer], keys: list[str], dtype: torch.dtype | None,
+NamedLayers = list[tuple[str, LoraLayer]]
+"""The adapted layers with their module names in the base model (`model.layers.0.self_attn.q_proj`):
+the names an adapter's weights file uses (`adapters.weights.AdapterWeights`)."""
+
+
+def peft_weights(layers: NamedLayers, key: str) -> AdapterWeights:
+    """The weights of an adapter that peft itself loaded into these layers (by `load_adapter`)."""
+    return AdapterWeights({name: LoraPair(layer.lora_A[key].weight.detach(), layer.lora_B[key].weight.detach(),
+                                          float(layer.scaling[key]))
+                           for name, layer in layers if key in layer.lora_A})
+
+
+def stack_adapters(layers: NamedLayers, keys: list[str], weights: list[AdapterWeights], dtype: torch.dtype | None,
                    siblings: list[list[LoraLayer]] = ()) -> StackSet:
-    """Stack the adapters `keys` (index i = keys[i]) of every layer into new tensors in `dtype`
-    (None: the adapters' own), siblings sharing one A stack per group. Reads the weights only."""
-    rank = max([layer.r[k] for layer in layers for k in keys if k in layer.lora_A], default=1)
-    device, dtype = _placement(layers, keys, dtype)
+    """Stack the adapters `keys` (index i = keys[i], its weights `weights[i]`) of every layer into
+    new tensors in `dtype` (None: the adapters' own), siblings sharing one A stack per group.
+    Reads the weights only."""
+    rank = max([pair.rank for w in weights for pair in w.pairs.values()], default=1)
+    device, dtype = _placement(layers, weights, dtype)
     place: dict[int, tuple[InputGroup, int]] = {}  # id(layer) -> (its group, its place in it)
     groups = []
     for members in siblings:
@@ -254,25 +269,26 @@ def stack_adapters(layers: list[LoraLayer], keys: list[str], dtype: torch.dtype 
         place.update({id(layer): (groups[-1], m) for m, layer in enumerate(members)})
     scale_vectors: list[tuple[float, ...]] = []
     stacked = []
-    for layer in layers:
-        stacks = _stack_layer(layer, keys, rank, dtype, scale_vectors, *place.get(id(layer), (None, 0)))
+    for name, layer in layers:
+        pairs = [w.pairs.get(name) for w in weights]
+        stacks = _stack_layer(layer, pairs, rank, dtype, scale_vectors, *place.get(id(layer), (None, 0)))
         stacked.append((layer, stacks))
     return StackSet(tuple(keys), rank, device, dtype, tuple(scale_vectors), tuple(stacked), tuple(groups))
 
 
-def _placement(layers: list[LoraLayer], keys: list[str], dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """The masks' device (the adapters') and the stacks' dtype: the one asked for, or the adapters' own."""
-    ref = next((layer.lora_A[k].weight for layer in layers for k in keys if k in layer.lora_A), None)
-    if ref is None:
-        return torch.device("cpu"), dtype or torch.float32
-    return ref.device, dtype or ref.dtype
+def _placement(layers: NamedLayers, weights: list[AdapterWeights], dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The masks' device (the first adapted layer's) and the stacks' dtype: the one asked for, or the adapters' own."""
+    device = layers[0][1].get_base_layer().weight.device if layers else torch.device("cpu")
+    ref = next((pair.A for w in weights for pair in w.pairs.values()), None)
+    return device, dtype or (ref.dtype if ref is not None else torch.float32)
 
 
-def _stack_layer(layer: LoraLayer, keys: list[str], R: int, dtype: torch.dtype, scale_vectors: list,
+def _stack_layer(layer: LoraLayer, pairs: list[LoraPair | None], R: int, dtype: torch.dtype, scale_vectors: list,
                  group: InputGroup | None, member: int) -> LayerStacks:
-    """One layer's stacks (its A in its group's stack, if it has a group); records its scale vector."""
+    """One layer's stacks (its A in its group's stack, if it has a group) from each adapter's pair
+    for it (None: the adapter leaves the layer alone); records its scale vector."""
     base = layer.get_base_layer()
-    n = len(keys)
+    n = len(pairs)
     device = base.weight.device  # the layer's own: a model split across devices keeps each layer's stacks beside it
     if group is None:
         A = torch.zeros(n * R, base.in_features, dtype=dtype, device=device)
@@ -283,13 +299,13 @@ def _stack_layer(layer: LoraLayer, keys: list[str], R: int, dtype: torch.dtype, 
     A_rows = A if group is None else group.A  # [rows, in] either way; `starts` index it
     Bt = torch.zeros(n * R, base.out_features, dtype=dtype, device=device)
     scale, ranks = [0.0] * n, [0] * n
-    for i, key in enumerate(keys):
-        if key in layer.lora_A:
-            r, start = layer.r[key], starts[i]
+    for i, pair in enumerate(pairs):
+        if pair is not None:
+            r, start = pair.rank, starts[i]
             ranks[i] = r
-            A_rows[start : start + r] = layer.lora_A[key].weight.detach()
-            Bt[i * R : i * R + r] = layer.lora_B[key].weight.detach().t()
-            scale[i] = float(layer.scaling[key])
+            A_rows[start : start + r] = pair.A
+            Bt[i * R : i * R + r] = pair.B.t()
+            scale[i] = pair.scale
     scale = tuple(scale)
     if scale not in scale_vectors:
         scale_vectors.append(scale)
@@ -298,17 +314,30 @@ def _stack_layer(layer: LoraLayer, keys: list[str], R: int, dtype: torch.dtype, 
                        scale_vectors.index(scale), tuple(ranks), group, member)
 
 
-def share_storage(stack_set: StackSet) -> None:
-    """Point peft's own A and B of every stacked adapter at its rows of the stacks.
-
-    Afterwards each adapter's weights exist once, in the compute dtype (peft loads them in
-    float32): the stacks are what the routed forward reads, and the views keep peft's state dict
-    (eviction to host memory) working on the same storage.
-    """
+def stacked_weights(stack_set: StackSet, layers: NamedLayers) -> dict[str, AdapterWeights]:
+    """Per stacked adapter, its weights as views into the stacks (no copy)."""
+    names = {id(layer): name for name, layer in layers}
+    out: dict[str, dict[str, LoraPair]] = {key: {} for key in stack_set.keys}
     for layer, stacks in stack_set.layers:
         for i, key in enumerate(stack_set.keys):
             r = stacks.ranks[i]
             if r:
+                out[key][names[id(layer)]] = LoraPair(stacks.At[i][:, :r].t(), stacks.Bts[i][:r].t(), stacks.scale[i])
+    return {key: AdapterWeights(pairs) for key, pairs in out.items()}
+
+
+def share_storage(stack_set: StackSet) -> None:
+    """Point peft's own A and B of every stacked adapter that peft holds at its rows of the stacks.
+
+    Afterwards each such adapter's weights exist once, in the compute dtype (peft loads them in
+    float32): the stacks are what the routed forward reads, and the views keep peft's state dict
+    working on the same storage. (The engine never gives peft its adapters: it hands their
+    weights to `LoraRouter.rebuild`, and the stacks are their only copy.)
+    """
+    for layer, stacks in stack_set.layers:
+        for i, key in enumerate(stack_set.keys):
+            r = stacks.ranks[i]
+            if r and key in layer.lora_A:
                 layer.lora_A[key].weight.data = stacks.At[i][:, :r].t()
                 layer.lora_B[key].weight.data = stacks.Bts[i][:r].t()
 
@@ -574,7 +603,9 @@ class LoraRouter:
         """Plans compute every row's delta from that row alone (the kernel where it applies, else
         the per_row path), never a product whose shape depends on the other rows: the
         deterministic mode's routing."""
-        self.stacks = stack_adapters([], [], dtype)
+        self.stacks = stack_adapters([], [], [], dtype)
+        self._resident: dict[str, AdapterWeights] = {}
+        """The stacked adapters' weights, views into `stacks` (`weights_of`)."""
         self.plan = RowPlan((BASE,), self.stacks, 0)
         self.lora_add = None
         """The fused kernel's entry point (`kernel`), where one applies; it declines what it does not take.
@@ -605,15 +636,27 @@ class LoraRouter:
         return self.stacks.rank
 
     def layers(self) -> list[LoraLayer]:
-        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        return [layer for _, layer in self.named_layers()]
 
-    def rebuild(self, keys: list[str]) -> None:
-        """Stack the weights of `keys` (index i = keys[i]) in every adapted layer; patch new layers."""
-        layers = self.layers()
-        device, dtype = _placement(layers, list(keys), self.dtype)
+    def named_layers(self) -> NamedLayers:
+        """Every adapted layer, named as in the base model (peft's wrapper prefix removed)."""
+        root = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return [(name, m) for name, m in root.named_modules() if isinstance(m, LoraLayer)]
+
+    def rebuild(self, keys: list[str], loaded: Mapping[str, AdapterWeights] | None = None) -> None:
+        """Stack the adapters `keys` (index i = keys[i]) in every adapted layer; patch new layers.
+
+        Each key's weights come from `loaded` (newly read), else from the current stacks (it was
+        resident), else from peft's own layers (an adapter peft loaded itself)."""
+        loaded = loaded or {}
+        layers = self.named_layers()
+        weights = [loaded[k] if k in loaded else self._resident[k] if k in self._resident else peft_weights(layers, k)
+                   for k in keys]
+        device, dtype = _placement(layers, weights, self.dtype)
         grouping = self._pick_kernel(device, dtype)
-        self.stacks = stack_adapters(layers, list(keys), self.dtype, self._sibling_layers() if grouping else [])
+        self.stacks = stack_adapters(layers, list(keys), weights, self.dtype, self._sibling_layers() if grouping else [])
         share_storage(self.stacks)
+        self._resident = stacked_weights(self.stacks, layers)
         for layer, stacks in self.stacks.layers:
             if not hasattr(layer, "_router"):
                 self._patch(layer)
@@ -621,6 +664,10 @@ class LoraRouter:
         self._shrinks = tuple(SHRINKS[name] for name in self.shrink_names())
         self.plan = RowPlan((BASE,), self.stacks, self.plan.step + 1, self._shrinks[0], self.per_row)
         self._allocate_fixed()
+
+    def weights_of(self, key: str) -> AdapterWeights:
+        """A resident adapter's weights: views into the stacks (copy them to keep them past the next rebuild)."""
+        return self._resident[key]
 
     def shrink_names(self) -> tuple[str, str]:
         """(eager, replayed) steps' shrinks, for the current stacks' device."""

@@ -145,28 +145,30 @@ def test_rejected_adapters_have_reasons_and_the_rest_keep_serving(served, tiny_b
 
 
 def test_each_resident_adapter_is_held_once_on_the_device(served, tiny_base):
-    """The router's stacks are the only copy: peft's own A and B are views into them, and an
-    evicted adapter's weights come back intact from host memory."""
+    """The router's stacks are the only copy of the served adapters: peft's layers hold just the
+    rank-1 adapter that made them (`Engine._wrap`), and an evicted adapter's weights come back
+    intact from host memory."""
     import torch
-    from peft.tuners.lora import LoraLayer
+
+    from serve.engine import WRAPPERS
 
     _, _, registry = served
     engine = new_engine(tiny_base, registry, max_loaded=3)
     batch = [request(n, PROMPTS[1]) for n in ("a", "b", "c")]  # PROMPTS[0] has a near-tie for a (see test_batcher)
     before = texts(engine, batch)
-    storages: dict[int, int] = {}
-    expected = 0
-    for layer in (m for m in engine._model.modules() if isinstance(m, LoraLayer)):
-        tensors = [layer._stacks.A, layer._stacks.Bt, *(layer.lora_A[k].weight for k in layer.lora_A), *(layer.lora_B[k].weight for k in layer.lora_B)]
-        for t in tensors:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    stacked = expected = 0
+    for layer in engine.router.layers():
+        stacked += sum(t.untyped_storage().nbytes() for t in (layer._stacks.A, layer._stacks.Bt))
         base = layer.get_base_layer()
-        # three adapter slots of rank 4, float32 on the CPU
-        expected += 3 * 4 * (base.in_features + base.out_features) * 4
-    assert sum(storages.values()) == expected
+        expected += 3 * 4 * (base.in_features + base.out_features) * 4  # three adapters of rank 4, float32
+        assert all(k.startswith(WRAPPERS) and layer.r[k] == 1 for k in layer.lora_A)
+    assert stacked == expected
+    pairs = engine.router.weights_of(engine.router.keys[0]).pairs  # views into the stacks, not copies
+    assert pairs and all(pairs[name].B.untyped_storage().data_ptr() == layer._stacks.Bt.untyped_storage().data_ptr()
+                         for name, layer in engine.router.named_layers() if name in pairs)
     engine.evict("a")  # to host memory and back: the same answers
     assert texts(engine, batch) == before
-    assert all(layer.lora_A[k].weight.dtype == torch.float32 for layer in engine._model.modules() if isinstance(layer, LoraLayer) for k in layer.lora_A)
+    assert all(p.A.dtype == torch.float32 for key in engine.router.keys for p in engine.router.weights_of(key).pairs.values())
 
 
 def test_unload_finds_an_adapter_whose_name_has_a_dot(served, tiny_base):

@@ -370,17 +370,18 @@ def test_the_server_offers_only_the_kernels_the_router_has(capsys):
 
 
 def test_stacking_reads_the_weights_only_and_plans_name_their_path(engine, monkeypatch):
-    """`stack_adapters` builds new tensors and leaves peft's alone (`share_storage` is the step
-    that aliases them); a plan is fixed once made, and the path each step takes is named."""
+    """`stack_adapters` builds new tensors and leaves the weights it reads alone (the router's
+    views stay on its own stacks); a plan is fixed once made, and the path each step takes is named."""
     names = ["a", "small", "base"]
     ids, mask = batch(engine, len(names))
     routed_logits(engine, ids, mask, names)
     router = engine.router
-    layer = router.layers()[0]
     key = router.keys[0]
-    before = layer.lora_A[key].weight.data_ptr()
-    fresh = routing.stack_adapters(router.layers(), list(router.keys), router.dtype)
-    assert layer.lora_A[key].weight.data_ptr() == before  # still the router's stack, not the new one
+    pair = next(iter(router.weights_of(key).pairs.values()))
+    before = pair.A.data_ptr()
+    fresh = routing.stack_adapters(router.named_layers(), list(router.keys), [router.weights_of(k) for k in router.keys],
+                                   router.dtype)
+    assert next(iter(router.weights_of(key).pairs.values())).A.data_ptr() == before  # still the router's stack
     assert fresh.keys == router.keys and fresh.rank == router.rank
     assert all(a.A.data_ptr() != b.A.data_ptr() for (_, a), (_, b) in zip(fresh.layers, router.stacks.layers))
 
