@@ -46,6 +46,10 @@ class BaseFolderError(ValueError):
     """A base that cannot be loaded as it is; the message names the folder, what is wrong and what to do."""
 
 
+COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""`BaseConfig.compute_dtype`'s choices."""
+
+
 @dataclass
 class BaseConfig:
     """Which base to load and how."""
@@ -62,6 +66,13 @@ class BaseConfig:
         default="auto",
         metadata={"help": "'auto' picks cuda when there is one, else cpu; or name one ('cpu', 'cuda:1')."},
     )
+    compute_dtype: str = field(
+        default="auto",
+        metadata={"help": "The dtype the base computes in: 'auto' is bf16 on a GPU that has it (else fp16) and "
+                          "float32 on the CPU; or float32, bfloat16, float16. On a CPU with AMX bf16 matrix "
+                          "products are several times faster than float32's, yet a QLoRA training step measured "
+                          "slower in bf16 there (docs/performance.md): float32 stays the CPU's default."},
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow a base whose folder brings its own Python code (an `auto_map` in config.json or "
@@ -72,6 +83,8 @@ class BaseConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("base path is empty: give a model folder or a hub id")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
 
 
 @dataclass
@@ -122,8 +135,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def compute_dtype_for(device: torch.device) -> torch.dtype:
-    """bf16 where the GPU supports it, fp32 on the CPU (bf16 matmuls are slow there)."""
+def compute_dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """The dtype named, or for 'auto' bf16 where the GPU supports it and fp32 on the CPU (bf16
+    products are slow on a CPU without AMX, and a default must not depend on which CPU runs it)."""
+    if choice != "auto":
+        return COMPUTE_DTYPES[choice]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if device.type == "cuda":
@@ -258,7 +274,7 @@ def load_base(config: BaseConfig) -> LoadedBase:
     """
     check_base_code(config)
     device = resolve_device(config.device)
-    dtype = compute_dtype_for(device)
+    dtype = compute_dtype_for(device, config.compute_dtype)
     tokenizer, template_source = load_tokenizer(config.path, config.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(config.path, **_model_kwargs(config, device, dtype))
     model.requires_grad_(False)

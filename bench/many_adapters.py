@@ -3,7 +3,8 @@
 Three figures, written to bench/results/many-adapters-<device>.json and printed:
 
 - **distinct adapters per batch**: 64 concurrent requests spread over 1, 4, 16 or 64 adapters
-  (every one resident), generated tokens/s against the same 64 requests on the base alone. This
+  (every one resident), generated tokens/s against the same 64 requests on the base alone, every
+  reply exactly --max-new-tokens long (`ignore_eos`). This
   is what S-LoRA's "thousands of adapters" figure measures: the cost of mixing, not of loading.
 - **churn**: requests over all 100 adapters with a Zipf popularity (s = 1.1, a few hot adapters
   and a long tail) from 16 client threads, with room for only `--max-loaded` on the device: LRU
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from adapters.base import DEFAULT_BASE
 from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHAT_TEMPLATE_FILE
+from bench.machine import describe
 from bench.serve import PROMPTS
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
@@ -79,7 +80,10 @@ def new_engine(base_path: str, root: Path, max_loaded: int, max_batch: int) -> E
 
 
 def ask(name: str, task: str, max_new: int) -> ChatRequest:
-    return ChatRequest(name, (Message("user", PROMPTS[task]),), SamplingParams(max_new_tokens=max_new))
+    """A request that generates exactly `max_new` tokens (`ignore_eos`): a one-word answer (a
+    sentiment label) and the base's rambling then cost the same steps, and tokens/s compares
+    like with like."""
+    return ChatRequest(name, (Message("user", PROMPTS[task]),), SamplingParams(max_new_tokens=max_new, ignore_eos=True))
 
 
 def throughput(engine: Engine, requests: list[ChatRequest]) -> float:
@@ -97,11 +101,11 @@ def throughput(engine: Engine, requests: list[ChatRequest]) -> float:
 
 
 def distinct_figures(engine: Engine, adapters: list[tuple[str, str]], batch: int, max_new: int, rounds: int) -> dict:
-    base_requests = [ask("base", adapters[i % len(adapters)][1], max_new) for i in range(batch)]
     out = {}
     for k in [k for k in DISTINCT if k <= min(len(adapters), batch)]:
-        chosen = adapters[:k]
-        requests = [ask(*chosen[i % k], max_new) for i in range(batch)]
+        picks = [adapters[i % k] for i in range(batch)]
+        requests = [ask(name, task, max_new) for name, task in picks]
+        base_requests = [ask("base", task, max_new) for _, task in picks]  # the same prompts, on the base
         throughput(engine, requests)  # every adapter of this round resident, threads chosen
         pairs = [(throughput(engine, requests), throughput(engine, base_requests)) for _ in range(rounds)]
         ratio = statistics.median(ours / base for ours, base in pairs)
@@ -186,14 +190,6 @@ def memory_figures(engine: Engine) -> dict:
             "stack_vs_analytic": round(stacked / n / analytic, 3)}
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=DEFAULT_BASE)
@@ -206,7 +202,7 @@ def main() -> None:
     parser.add_argument("--churn-max-loaded", type=int, default=8)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    results: dict = {"machine": machine(), "base": args.base, "adapters": args.count, "batch": args.batch,
+    results: dict = {"machine": describe(), "base": args.base, "adapters": args.count, "batch": args.batch,
                      "max_new_tokens": args.max_new_tokens}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "store"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import threading
 import time
@@ -32,6 +31,7 @@ from peft import PeftModel
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
 from adapters.base import DEFAULT_BASE
 from adapters.chat import encode_prompt
+from bench.machine import describe
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
 from serve.slots import DecodeSettings
@@ -234,7 +234,7 @@ def main() -> None:
     adapter_runs, base_runs = adapter_latency(engine, names[0], plain, 32, 15)
     with_adapter, base_alone = statistics.median(adapter_runs), statistics.median(base_runs)
     results = {
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
+        "machine": describe(),
         "base": args.base,
         "requests": args.requests,
         "intra_op_threads": {"engine_decode_loop": engine.decode_threads, "baseline_request_threads": engine.decode_threads,

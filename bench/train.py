@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 
 from adapters.base import DEFAULT_BASE, BaseConfig, load_base
 from adapters.data import load_examples
+from bench.machine import describe
 from bench.training import BASELINES, BenchSettings, baseline_runner, run_ours
 from train.data import tokenize
 
@@ -50,7 +50,7 @@ def _items(path: str, tokenizer, limit: int | None):
 def worker(args, settings: BenchSettings) -> None:
     """One side of the comparison; prints its stats as one JSON line."""
     torch.manual_seed(settings.seed)
-    base = load_base(BaseConfig(args.base))
+    base = load_base(BaseConfig(args.base, compute_dtype=settings.compute_dtype))
     train, conversations = _items(args.data, base.tokenizer, args.examples)
     evals, _ = _items(args.eval_data, base.tokenizer, args.eval_examples)
     run = run_ours if args.worker == "ours" else baseline_runner(args.worker, conversations)
@@ -104,7 +104,7 @@ def _parse_args():
     # still takes 94 steps over the same spread of lengths.
     parser.add_argument("--examples", type=int, default=1500, help="use the first N training examples (0: all)")
     parser.add_argument("--eval-examples", type=int, default=200, help="score on the first N eval examples")
-    parser.add_argument("--out", default="bench/results/train.json")
+    parser.add_argument("--out", default=None, help="default: bench/results/train.json, or train-<dtype>.json for another --compute-dtype")
     parser.add_argument("--profile", default=None, metavar="FILE", help="profile our steps into FILE instead")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, rotating which goes first; medians are reported")
     parser.add_argument("--baselines", default=",".join(BASELINES),
@@ -189,7 +189,7 @@ def main() -> None:
         for which in order[-1]:
             runs[which].append(_child(args, which, extra))
     results = {
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{describe()}, torch {torch.__version__}",
         "base": args.base,
         "data": args.data,
         "examples": args.examples,
@@ -201,6 +201,7 @@ def main() -> None:
                    for i, sides_in_order in enumerate(order)],
         "targets": TARGETS,
     }
+    args.out = args.out or f"bench/results/train{'' if settings.compute_dtype == 'auto' else '-' + settings.compute_dtype}.json"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     _print(results)

@@ -68,6 +68,10 @@ class BenchSettings:
     optimizer: str = "adamw"
     """Ours only (train.loop.make_optimizer); the Trainer runs paged_adamw_8bit on a GPU, as QLoRA's
     recipe does, and adamw_torch on the CPU."""
+    compute_dtype: str = "auto"
+    """Every side's: the base's compute dtype (`BaseConfig.compute_dtype`); with bfloat16 the
+    Trainer-based baselines also run under bf16 autocast (`bf16=True`), as a user who chose bf16
+    would set them."""
 
 
 @dataclass
@@ -93,7 +97,7 @@ class RunStats:
 def _config(s: BenchSettings, base_path: str) -> TrainConfig:
     return TrainConfig(
         name="bench",
-        base=BaseConfig(base_path),
+        base=BaseConfig(base_path, compute_dtype=s.compute_dtype),
         lora=LoraSettings(r=s.r, alpha=s.alpha, dropout=0.0),
         optim=OptimSettings(lr=s.lr, warmup_ratio=s.warmup_ratio, epochs=s.epochs, max_steps=s.max_steps,
                             micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum, optimizer=s.optimizer),
@@ -236,7 +240,8 @@ def _trainer_arguments(s: BenchSettings, steps: int, cuda: bool, out: str) -> di
         output_dir=out, per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.lr, max_steps=steps, lr_scheduler_type="cosine", warmup_steps=int(s.warmup_ratio * steps),
         weight_decay=0.0, max_grad_norm=1.0, seed=s.seed, data_seed=s.seed, save_strategy="no", report_to="none",
-        logging_steps=max(1, steps // 10), optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda,
+        logging_steps=max(1, steps // 10), optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        bf16=cuda and s.compute_dtype in ("auto", "bfloat16") or s.compute_dtype == "bfloat16",
         use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
         dataloader_num_workers=0, disable_tqdm=True,

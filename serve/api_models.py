@@ -136,6 +136,8 @@ class _Sampling(_Strict):
     seed: int | None = Field(None, ge=0, lt=SEED_RANGE)
     """With n > 1, choice i samples with seed + i."""
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    ignore_eos: bool = False
+    """vLLM's extension: stop tokens do not end the reply; it runs to max_tokens (stop strings still end it)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -149,7 +151,8 @@ class _Sampling(_Strict):
         """One SamplingParams per choice."""
         seeds = [None] * self.n if self.seed is None else [(self.seed + i) % SEED_RANGE for i in range(self.n)]
         return [SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=limit,
-                               seed=seed, stop=tuple(self.stop or ()), logprobs=logprobs) for seed in seeds]
+                               seed=seed, stop=tuple(self.stop or ()), logprobs=logprobs, ignore_eos=self.ignore_eos)
+                for seed in seeds]
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

@@ -494,7 +494,7 @@ class ContinuousBatcher:
     def _append(self, seq: Running, token: int) -> bool:
         """Record a token and stream the new text; True while the request goes on."""
         tokenizer = self.engine.base.tokenizer
-        finished = token in self.stop_ids or token in seq.prepared.stop_ids
+        finished = not seq.request.params.ignore_eos and (token in self.stop_ids or token in seq.prepared.stop_ids)
         if seq.constraint is not None:
             try:
                 seq.constraint.accept(token)

@@ -81,6 +81,9 @@ class SamplingParams:
     """The reply ends before the first of these strings."""
     logprobs: int | None = None
     """None: no log-probabilities; k: each reply token's, and the k likeliest alternatives' (0 to MAX_LOGPROBS)."""
+    ignore_eos: bool = False
+    """vLLM's extension: stop tokens do not end the reply (stop strings still do), so it runs to
+    max_new_tokens; benchmarks use it to compare batches of equal lengths."""
 
     def __post_init__(self) -> None:
         for name, ok in (("temperature", math.isfinite(self.temperature) and self.temperature >= 0),

@@ -145,6 +145,21 @@ def test_stop_strings_end_the_reply(exact):
     assert batcher.generate(request("b", PROMPTS[1], max_new_tokens=12, stop=(stop,)), 60).text == expected
 
 
+def test_ignore_eos_runs_past_a_stop_token_to_the_budget(exact):
+    """vLLM's `ignore_eos`: the token that would end the reply is kept, and the reply runs to
+    max_new_tokens; without it the same request ends there."""
+    engine, batcher = exact
+    full = batcher.generate(request("b", PROMPTS[1], max_new_tokens=8, logprobs=0), 60)
+    assert full.error is None and full.new_tokens == 8
+    tokens = [t.token for t in full.logprobs]
+    stop = tokens[2]
+    batcher.stop_ids = batcher.stop_ids | {stop}  # as if the base's end of turn were that token
+    cut = batcher.generate(request("b", PROMPTS[1], max_new_tokens=8, logprobs=0), 60)
+    assert [t.token for t in cut.logprobs] == tokens[: tokens.index(stop)] and cut.finish_reason == "stop"
+    kept = batcher.generate(request("b", PROMPTS[1], max_new_tokens=8, logprobs=0, ignore_eos=True), 60)
+    assert [t.token for t in kept.logprobs] == tokens and kept.finish_reason == "length"
+
+
 def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(batcher, monkeypatch):
     engine, batcher = batcher
     real = engine.make_resident

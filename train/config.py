@@ -150,7 +150,7 @@ class TrainConfig:
         check_numbers(self, "")
 
 
-BASE_FLAGS = {"path": "--base", "quantize": "--quantize", "device": "--device"}
+BASE_FLAGS = {"path": "--base", "quantize": "--quantize", "device": "--device", "compute_dtype": "--compute-dtype"}
 
 
 def _flag(path: tuple[str, ...], f) -> str:

@@ -1,0 +1,24 @@
+"""What machine a bench ran on, in its results: machines of our kind differ in their CPU (with or
+without AMX and AVX512-BF16), and the figures with them."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+CPU_FEATURES = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
+"""/proc/cpuinfo flags that change which kernels are fast, and how results name them."""
+
+
+def describe() -> str:
+    """The GPU's name, or the CPU's model, its bf16 features and the threads torch uses."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    lines = info.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    features = [name for flag, name in CPU_FEATURES.items() if flag in flags] or ["no AMX, no AVX512-BF16"]
+    return f"{model} ({', '.join(features)}), {torch.get_num_threads()} threads"
