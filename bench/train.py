@@ -78,10 +78,15 @@ def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
 
 
+VARIANTS = {"ours_bf16_products": ["--bf16-base-products"]}
+"""Ours with an opt-in setting, run as extra sides (`--variants`): reported beside ours, never a baseline."""
+
+
 def _child(args, which: str, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "bench.train", "--worker", which, "--base", args.base, "--data", args.data,
+    worker, flags = ("ours", VARIANTS[which]) if which in VARIANTS else (which, [])
+    command = [sys.executable, "-m", "bench.train", "--worker", worker, "--base", args.base, "--data", args.data,
                "--eval-data", args.eval_data, "--examples", str(args.examples), "--eval-examples", str(args.eval_examples),
-               *extra]
+               *extra, *flags]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{which} run failed:\n{done.stderr[-3000:]}")
@@ -111,6 +116,7 @@ def _parse_args():
                         help=f"comma-separated, of {', '.join(BASELINES)} (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: one round of one epoch of the first 2 x micro-batch-size examples (two steps)")
+    parser.add_argument("--variants", default="", help=f"comma-separated extra sides of ours, of {', '.join(VARIANTS)}")
     parser.add_argument("--worker", choices=["ours", *BASELINES], help=argparse.SUPPRESS)
     for f in fields(BenchSettings):
         flag = f"--{f.name.replace('_', '-')}"
@@ -124,6 +130,9 @@ def _parse_args():
             setattr(args, key, value)
         args.examples = 2 * args.micro_batch_size
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     unknown = sorted(set(args.baselines) - set(BASELINES))
     if unknown or not args.baselines:
         parser.error(f"--baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
@@ -146,17 +155,22 @@ def compare(runs: dict[str, list[dict]]) -> dict:
     """Ours against the fastest baseline (by median tokens/s): the ratios the targets name, and
     each side's median run and padding share."""
     medians = {side: _median_run(side_runs) for side, side_runs in runs.items()}
-    fastest = max((side for side in runs if side != "ours"), key=lambda side: medians[side]["tokens_per_s"])
+    fastest = max((side for side in runs if side != "ours" and side not in VARIANTS), key=lambda side: medians[side]["tokens_per_s"])
     ours, theirs = medians["ours"], medians[fastest]
     peak = {side: statistics.median(r["peak_memory_mb"] for r in side_runs) for side, side_runs in runs.items()}
     gap = abs(ours["eval_loss"] - theirs["eval_loss"]) / theirs["eval_loss"]
+    variants = {side: {"tokens_per_s_ratio": round(medians[side]["tokens_per_s"] / theirs["tokens_per_s"], 2),
+                       "peak_memory_ratio": round(peak[side] / peak[fastest], 3),
+                       "eval_loss_gap": round(abs(medians[side]["eval_loss"] - theirs["eval_loss"]) / theirs["eval_loss"], 4)}
+                for side in runs if side in VARIANTS}
     return {
+        "variants_vs_fastest": variants,
         "sides": medians,
         "fastest_baseline": fastest,
         "padding_share": {side: round(1 - run["real_tokens"] / run["padded_tokens"], 3) for side, run in medians.items()},
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
         "tokens_per_s_ratio_by_baseline": {side: round(ours["tokens_per_s"] / run["tokens_per_s"], 2)
-                                           for side, run in medians.items() if side != "ours"},
+                                           for side, run in medians.items() if side != "ours" and side not in VARIANTS},
         "peak_memory_ratio": round(peak["ours"] / peak[fastest], 3),
         "eval_loss_gap": round(gap, 4),
         "same_eval_loss_within_1pct": gap <= 0.01,
@@ -171,6 +185,8 @@ def _print(results: dict) -> None:
     print(f"fastest baseline: {results['fastest_baseline']}")
     for key in ("tokens_per_s_ratio", "peak_memory_ratio", "eval_loss_gap", "same_eval_loss_within_1pct"):
         print(f"{key:<28} {results[key]}  (target {TARGETS.get(key, 'true')})")
+    for side, figures in results["variants_vs_fastest"].items():
+        print(f"{side}: {figures}")
 
 
 def main() -> None:
@@ -181,7 +197,7 @@ def main() -> None:
         return worker(args, settings)
 
     extra = _settings_flags(settings)
-    sides = ["ours", *args.baselines]
+    sides = ["ours", *args.variants, *args.baselines]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     order = []
     for round_ in range(args.rounds):

@@ -68,6 +68,8 @@ class BenchSettings:
     optimizer: str = "adamw"
     """Ours only (train.loop.make_optimizer); the Trainer runs paged_adamw_8bit on a GPU, as QLoRA's
     recipe does, and adamw_torch on the CPU."""
+    bf16_base_products: bool = False
+    """Ours only: the frozen base's products in bf16 (`TrainConfig.bf16_base_products`)."""
     compute_dtype: str = "auto"
     """Every side's: the base's compute dtype (`BaseConfig.compute_dtype`); with bfloat16 the
     Trainer-based baselines also run under bf16 autocast (`bf16=True`), as a user who chose bf16
@@ -105,6 +107,7 @@ def _config(s: BenchSettings, base_path: str) -> TrainConfig:
         seed=s.seed,
         gradient_checkpointing=s.gradient_checkpointing,
         fused_lora=s.fused_lora,
+        bf16_base_products=s.bf16_base_products,
         compile=s.compile,
     )
 

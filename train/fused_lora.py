@@ -20,38 +20,54 @@ several active adapters, peft's `adapter_names`) keep peft's forward.
 
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
 from peft.tuners.lora import LoraLayer
 
 
-def base_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The frozen base layer's weight, [out, in]: dequantized from 4 bits when quantized."""
+def base_weight(layer: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The frozen base layer's weight, [out, in]: dequantized from 4 bits when quantized, in
+    `dtype` (None: the layer's compute dtype), straight from the 4-bit codes when it is quantized."""
     weight = layer.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
-        return weight
+        return weight if dtype is None else weight.to(dtype)
     import bitsandbytes.functional as bnbf
 
+    if dtype is not None and dtype != state.dtype:
+        state = copy.copy(state)  # the same codes and scales, dequantized into another dtype
+        state.dtype = dtype
     return bnbf.dequantize_4bit(weight.data, state)
+
+
+def base_product(a: torch.Tensor, layer: torch.nn.Module, transpose: bool, dtype: torch.dtype | None) -> torch.Tensor:
+    """a·Wᵀ (transpose) or a·W with the frozen base weight W, in a's dtype; with `dtype` (bf16)
+    the operands are rounded to it and the product is cast back (`fuse_lora_layers`)."""
+    w = base_weight(layer, dtype)
+    w = w.t() if transpose else w
+    if dtype is None:
+        return a @ w.to(a.dtype)
+    return (a.to(dtype) @ w).to(a.dtype)
 
 
 class LoraLinearFn(torch.autograd.Function):
     """out = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ (+ bias), W the frozen base weight, x_d x after the LoRA dropout."""
 
     @staticmethod
-    def forward(ctx, x, x_dropped, A, B, layer, scale):
-        # x, x_dropped: [tokens, in] (x_dropped None without dropout); A: [r, in]; B: [out, r]
+    def forward(ctx, x, x_dropped, A, B, layer, scale, products=None):
+        # x, x_dropped: [tokens, in] (x_dropped None without dropout); A: [r, in]; B: [out, r];
+        # products: the dtype of the base's products (None: x's)
         a, b = A.to(x.dtype), B.to(x.dtype)
         lora_in = x if x_dropped is None else x_dropped
         h = lora_in @ a.t()  # [tokens, r]
-        out = x @ base_weight(layer).to(x.dtype).t()  # [tokens, out]
+        out = base_product(x, layer, True, products)  # [tokens, out]
         out.addmm_(h, b.t(), alpha=scale)
         if layer.bias is not None:
             out += layer.bias.to(out.dtype)
         ctx.save_for_backward(x, x_dropped, h, a, b)
-        ctx.layer, ctx.scale, ctx.dtypes = layer, scale, (A.dtype, B.dtype)
+        ctx.layer, ctx.scale, ctx.dtypes, ctx.products = layer, scale, (A.dtype, B.dtype), products
         return out
 
     @staticmethod
@@ -63,12 +79,12 @@ class LoraLinearFn(torch.autograd.Function):
         grad_B = (grad.t() @ h).mul_(ctx.scale).to(ctx.dtypes[1])  # [out, r]
         grad_x = grad_dropped = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ base_weight(ctx.layer).to(grad.dtype)  # [tokens, in]
+            grad_x = base_product(grad, ctx.layer, False, ctx.products)  # [tokens, in]
             if x_dropped is None:
                 grad_x.addmm_(grad_h, a)
         if x_dropped is not None and ctx.needs_input_grad[1]:
             grad_dropped = grad_h @ a
-        return grad_x, grad_dropped, grad_A, grad_B, None, None
+        return grad_x, grad_dropped, grad_A, grad_B, None, None, None
 
 
 def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -81,7 +97,7 @@ def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.T
     dropout = self.lora_dropout[key]
     dropped = dropout(x2) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else None
     out = LoraLinearFn.apply(x2, dropped, self.lora_A[key].weight, self.lora_B[key].weight, self.get_base_layer(),
-                             self.scaling[key])
+                             self.scaling[key], self._base_products)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -93,12 +109,18 @@ def fusable(layer: LoraLayer) -> bool:
     return plain and linear and not base.weight.requires_grad and not getattr(layer, "fan_in_fan_out", False)
 
 
-def fuse_lora_layers(model: torch.nn.Module) -> int:
-    """Give every fusable LoRA layer of `model` the fused forward; returns how many were changed."""
+def fuse_lora_layers(model: torch.nn.Module, base_products: torch.dtype | None = None) -> int:
+    """Give every fusable LoRA layer of `model` the fused forward; returns how many were changed.
+
+    base_products: compute the frozen base's products (forward, and the input gradient through
+    it) in this dtype (bf16) from the 4-bit codes, the rest of the layer in the compute dtype.
+    Where bf16 products are fast (a CPU with AMX) that is most of a step's time; the price is
+    the products' precision (an 8-bit mantissa), which the bench's eval loss shows."""
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and not hasattr(module, "_peft_forward") and fusable(module):
             module._peft_forward = module.forward
+            module._base_products = base_products
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
     return count

@@ -198,7 +198,10 @@ def attach_lora(model, config: TrainConfig, n_layers: int, stop_token_ids: list[
     )
     model = get_peft_model(model, peft_config)
     if use_fused_lora(config.fused_lora, model) and not under_fsdp():  # FSDP's flat parameters keep peft's forward
-        fuse_lora_layers(model)
+        fuse_lora_layers(model, torch.bfloat16 if config.bf16_base_products else None)
+    elif config.bf16_base_products:
+        log.warning("--bf16-base-products applies to the fused layers only (--fused-lora); the base's products "
+                    "stay in the compute dtype")
     if use_compile(config.compile, model):
         if under_fsdp():  # FSDP re-wraps the blocks after this; not tried together
             log.warning("--compile is not applied under FSDP: the blocks run eagerly")
