@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 SEED_RANGE = 2**64
 """A request's seed is one of torch.Generator's: 0 <= seed < 2**64."""
 MAX_LOGPROBS = 20
+"""The most alternatives a request may ask log-probabilities for (OpenAI's limit)."""
 WRAPPERS = "wrappers"
 """The name of the rank-1 peft adapters that only give base modules their LoRA wrappers (`Engine._wrap`)."""
-"""The most alternatives a request may ask log-probabilities for (OpenAI's limit)."""
 
 
 class RequestError(ValueError):
