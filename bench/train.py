@@ -179,9 +179,9 @@ def compare(runs: dict[str, list[dict]]) -> dict:
 
 def _print(results: dict) -> None:
     sides = list(results["sides"])
-    print(f"{'':<16}" + "".join(f"{side:>18}" for side in sides))
+    print(f"{'':<16}" + "".join(f"{side:>20}" for side in sides))
     for key in ("tokens_per_s", "train_s", "real_tokens", "padded_tokens", "peak_memory_mb", "eval_loss"):
-        print(f"{key:<16}" + "".join(f"{results['sides'][side][key]:>18.5g}" for side in sides))
+        print(f"{key:<16}" + "".join(f"{results['sides'][side][key]:>20.5g}" for side in sides))
     print(f"fastest baseline: {results['fastest_baseline']}")
     for key in ("tokens_per_s_ratio", "peak_memory_ratio", "eval_loss_gap", "same_eval_loss_within_1pct"):
         print(f"{key:<28} {results[key]}  (target {TARGETS.get(key, 'true')})")
