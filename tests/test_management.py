@@ -87,6 +87,22 @@ def test_a_loaded_adapter_answers_survives_scans_and_after_unload_is_a_404_with_
     assert reply(client, "colors") == "red"
 
 
+def test_a_runtime_loaded_adapter_mixes_like_the_adapter_it_copies(client, roots):
+    """A mix can name an adapter loaded at runtime: 'tint' (a copy of 'colors') at a strength beside
+    'sizes' answers as 'colors' in the same mix, alone on the server (the same weights, the same
+    parts in the same order: the same products); once unloaded, the mix is a 404 naming it."""
+    assert load(client, "tint3", roots.extra / "tint").startswith("Success")
+    try:
+        for mix in ("{}*0.5+sizes", "sizes+{}*-0.3", "{}*1"):
+            assert reply(client, mix.format("tint3")) == reply(client, mix.format("colors")), mix
+        assert reply(client, "tint3*0.5+sizes") != reply(client, "sizes")  # the runtime part counts
+    finally:
+        unload(client, "tint3")
+    with pytest.raises(openai.NotFoundError) as err:
+        reply(client, "tint3*0.5+sizes")
+    assert "tint3" in err.value.body["message"]
+
+
 def test_a_path_relative_to_the_store_and_one_through_dotdot_inside_the_roots_load(client, roots):
     assert load(client, "hue", "colors").startswith("Success")  # the store's published version of 'colors'
     assert load(client, "tint2", roots.extra / "bent" / ".." / "tint").startswith("Success")
