@@ -254,6 +254,7 @@ class ContinuousBatcher:
         if self._stop.is_set():
             stream._finish(ChatResult(request.request.adapter, error=SHUTDOWN, error_code="server_error"))
             return stream
+        self.engine.prefetch(request.entries)  # read here, while the loop runs its step, not under its lock
         self._waiting.put((request, stream))
         return stream
 

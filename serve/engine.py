@@ -400,7 +400,8 @@ class Engine:
 
     def prefetch(self, entries: Sequence[AdapterEntry]) -> None:
         """Read the files of adapters that are neither resident nor in host memory, in the calling
-        thread: a request's own (`prepare`), so its load under the engine lock copies tensors and
+        thread: a queued request's own (`ContinuousBatcher.submit`, after the server admitted it,
+        so a refused request reads nothing), so its load under the engine lock copies tensors and
         reads nothing. A read that fails is left for the load to repeat and report."""
         for entry in entries:
             if entry.key in self._host or self.cache.holds(entry.key) or entry.key in self._prefetched:
@@ -528,7 +529,6 @@ class Engine:
         """Resolve the adapter, render the chat template and tokenize: in the caller's thread, so
         a long prompt never holds up the decode loop. Raises UnknownAdapterError or RequestError."""
         entry, mix = self._resolve(request.adapter)
-        self.prefetch([e for e, _ in mix] or [e for e in (entry,) if e is not None])
         prompt = self._encode(request, entry)
         # Capped, never refused: by the server's limit and by the room the context leaves.
         max_new = min(request.params.max_new_tokens, self.limits.max_new_tokens)

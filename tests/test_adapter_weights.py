@@ -84,7 +84,7 @@ def test_a_copy_shares_no_storage(tmp_path, tiny_base):
 
 def test_a_miss_reads_its_file_in_the_requesting_thread(served, tiny_base, monkeypatch):
     """The decode loop never reads an adapter file when the request's own thread could
-    (`Engine.prefetch` in `prepare`); the loop only copies the tensors into its stacks."""
+    (`Engine.prefetch` as the request is queued); the loop only copies the tensors into its stacks."""
     import serve.engine as engine_module
     from adapters import Message
     from serve.engine import ChatRequest, SamplingParams
