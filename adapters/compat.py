@@ -126,7 +126,7 @@ def read_adapter_files(folder: Path) -> AdapterShape:
     config = read_config(folder / ADAPTER_CONFIG)
     tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
     embeddings = sorted({key.split(EMBEDDING_MARK)[0].removeprefix(KEY_PREFIX) for key in tensors if EMBEDDING_MARK in key})
-    if not embeddings and not any(lora_part(key) for key in tensors):
+    if not embeddings and not any(_lora_part(key) for key in tensors):
         raise AdapterCheckError(f"{ADAPTER_WEIGHTS} holds no LoRA A/B matrices")
     pairs = _lora_pairs(tensors)
     shapes = {module: (a[1], b[0]) for module, (a, b) in pairs.items()}
@@ -185,7 +185,7 @@ def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     not_finite = sorted(key for key, t in tensors.items() if t.dtype.is_floating_point and not torch.isfinite(t.float()).all())
     if not_finite:
         problems.append(f"tensors hold NaN or inf values: {_listed(not_finite)}")
-    stray = sorted(key for key in tensors if lora_part(key) is None and EMBEDDING_MARK not in key
+    stray = sorted(key for key in tensors if _lora_part(key) is None and EMBEDDING_MARK not in key
                    and not key.endswith(TOKEN_ROWS_SUFFIX))
     if stray:
         # peft would drop them, or load full layers into the base every request shares.
@@ -194,7 +194,7 @@ def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
-def lora_part(key: str) -> tuple[str, int] | None:
+def _lora_part(key: str) -> tuple[str, int] | None:
     """(module name, 0 for A or 1 for B) for a LoRA matrix's key; None for any other tensor."""
     for suffix, index in LORA_PARTS.items():
         if key.endswith(suffix):
@@ -202,14 +202,19 @@ def lora_part(key: str) -> tuple[str, int] | None:
     return None
 
 
-def _halves(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, ...] | None]]:
-    """Module -> [lora_A shape [r, in], lora_B shape [out, r]], None for a missing half."""
-    halves: dict[str, list[tuple[int, ...] | None]] = {}
+def lora_halves(tensors: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor | None]]:
+    """Module -> [its lora_A [r, in], its lora_B [out, r]] from a weights file's tensors, None for a missing half."""
+    halves: dict[str, list[torch.Tensor | None]] = {}
     for key, tensor in tensors.items():
-        part = lora_part(key)
+        part = _lora_part(key)
         if part is not None:
-            halves.setdefault(part[0], [None, None])[part[1]] = tuple(tensor.shape)
+            halves.setdefault(part[0], [None, None])[part[1]] = tensor
     return halves
+
+
+def _halves(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, ...] | None]]:
+    """`lora_halves`' shapes."""
+    return {m: [None if t is None else tuple(t.shape) for t in pair] for m, pair in lora_halves(tensors).items()}
 
 
 def _pair_problems(tensors: dict[str, torch.Tensor]) -> list[str]:

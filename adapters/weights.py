@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from adapters.compat import lora_part, read_config
+from adapters.compat import lora_halves, read_config
 from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
@@ -85,9 +85,5 @@ def read_adapter_weights(folder: Path) -> AdapterWeights:
     """Every LoRA pair in a checked adapter folder, on the CPU in the file's dtype."""
     folder = Path(folder)
     config = read_config(folder / ADAPTER_CONFIG)
-    halves: dict[str, list[torch.Tensor | None]] = {}
-    for key, tensor in load_file(str(folder / ADAPTER_WEIGHTS)).items():
-        part = lora_part(key)
-        if part is not None:
-            halves.setdefault(part[0], [None, None])[part[1]] = tensor
+    halves = lora_halves(load_file(str(folder / ADAPTER_WEIGHTS)))
     return AdapterWeights({module: LoraPair(a, b, lora_scale(config, module)) for module, (a, b) in halves.items()})

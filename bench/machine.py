@@ -12,13 +12,19 @@ CPU_FEATURES = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
 """/proc/cpuinfo flags that change which kernels are fast, and how results name them."""
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 features, from /proc/cpuinfo (the platform's name where there is none)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    lines = info.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    features = [name for flag, name in CPU_FEATURES.items() if flag in flags] or ["no AMX, no AVX512-BF16"]
+    return f"{model} ({', '.join(features)})"
+
+
 def describe() -> str:
     """The GPU's name, or the CPU's model, its bf16 features and the threads torch uses."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    lines = info.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    features = [name for flag, name in CPU_FEATURES.items() if flag in flags] or ["no AMX, no AVX512-BF16"]
-    return f"{model} ({', '.join(features)}), {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"

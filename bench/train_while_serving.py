@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from adapters import AdapterStore, BaseConfig, BaseShape, Message, load_base
 from adapters.base import DEFAULT_BASE
+from bench import machine
 from bench.serve import PROMPTS
 from serve.engine import ChatRequest, Engine, SamplingParams
 from serve.registry import AdapterRegistry
@@ -75,13 +75,8 @@ def summary(timings: list[Timing]) -> dict:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, with the core count; the platform where there is none."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
+    """The CPU's model and bf16 features (`bench.machine.cpu_model`), with the core count."""
+    return f"{machine.cpu_model()}, {os.cpu_count()} cores"
 
 
 def wait_for_steps(runs: TrainingRuns, run, deadline: float) -> int:

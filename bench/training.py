@@ -244,7 +244,7 @@ def _trainer_arguments(s: BenchSettings, steps: int, cuda: bool, out: str) -> di
         learning_rate=s.lr, max_steps=steps, lr_scheduler_type="cosine", warmup_steps=int(s.warmup_ratio * steps),
         weight_decay=0.0, max_grad_norm=1.0, seed=s.seed, data_seed=s.seed, save_strategy="no", report_to="none",
         logging_steps=max(1, steps // 10), optim="paged_adamw_8bit" if cuda else "adamw_torch",
-        bf16=cuda and s.compute_dtype in ("auto", "bfloat16") or s.compute_dtype == "bfloat16",
+        bf16=s.compute_dtype == "bfloat16" or (cuda and s.compute_dtype == "auto"),
         use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
         dataloader_num_workers=0, disable_tqdm=True,

@@ -326,20 +326,21 @@ def stacked_weights(stack_set: StackSet, layers: NamedLayers) -> dict[str, Adapt
     return {key: AdapterWeights(pairs) for key, pairs in out.items()}
 
 
-def share_storage(stack_set: StackSet) -> None:
-    """Point peft's own A and B of every stacked adapter that peft holds at its rows of the stacks.
+def share_storage(stacked: dict[str, AdapterWeights], layers: NamedLayers) -> None:
+    """Point peft's own A and B of every stacked adapter that peft holds at its views into the
+    stacks (`stacked_weights`).
 
     Afterwards each such adapter's weights exist once, in the compute dtype (peft loads them in
     float32): the stacks are what the routed forward reads, and the views keep peft's state dict
     working on the same storage. (The engine never gives peft its adapters: it hands their
     weights to `LoraRouter.rebuild`, and the stacks are their only copy.)
     """
-    for layer, stacks in stack_set.layers:
-        for i, key in enumerate(stack_set.keys):
-            r = stacks.ranks[i]
-            if r and key in layer.lora_A:
-                layer.lora_A[key].weight.data = stacks.At[i][:, :r].t()
-                layer.lora_B[key].weight.data = stacks.Bts[i][:r].t()
+    for name, layer in layers:
+        for key, weights in stacked.items():
+            pair = weights.pairs.get(name)
+            if pair is not None and key in layer.lora_A:
+                layer.lora_A[key].weight.data = pair.A
+                layer.lora_B[key].weight.data = pair.B
 
 
 def row_mask(indices: tuple[int, ...], scale: tuple[float, ...], rank: int, device: torch.device,
@@ -655,8 +656,8 @@ class LoraRouter:
         device, dtype = _placement(layers, weights, self.dtype)
         grouping = self._pick_kernel(device, dtype)
         self.stacks = stack_adapters(layers, list(keys), weights, self.dtype, self._sibling_layers() if grouping else [])
-        share_storage(self.stacks)
         self._resident = stacked_weights(self.stacks, layers)
+        share_storage(self._resident, layers)
         for layer, stacks in self.stacks.layers:
             if not hasattr(layer, "_router"):
                 self._patch(layer)
