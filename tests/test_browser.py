@@ -76,6 +76,14 @@ def site(tiny_base, two_adapters, tmp_path_factory):
         runs.close()
 
 
+@pytest.fixture(autouse=True)
+def fresh_page(site):
+    """Each test starts on a newly loaded page: the UI keeps per-session state (a mix builder's
+    rows and strengths) that one test would otherwise hand the next, making a verdict depend on
+    the order the tests run in (picking 'kinds' after a mix spelled 'kinds*0.5+sizes')."""
+    site[0].reload()
+
+
 @pytest.mark.slow
 def test_chat_mix_examples_token_view_blind_vote_and_the_table(site):
     page, service, _, ui = site
