@@ -77,6 +77,9 @@ class TrainingInfo:
     """One entry per logged step or eval: {'step', 'train_loss'} or {'step', 'eval_loss'}."""
     peak_memory_mb: float | None = None
     """Peak memory of the run: allocated GPU memory, or the process's peak RSS on the CPU."""
+    base_products: str | None = None
+    """The dtype of the frozen base's products where it was not the compute dtype ('bfloat16':
+    `--bf16-base-products`); None: the compute dtype."""
 
 
 @dataclass

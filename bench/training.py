@@ -45,7 +45,7 @@ from train.compiled import uncompile_blocks
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
 from train.data import IGNORE_INDEX, Tokenized
 from train.evaluate import eval_loss
-from train.loop import attach_lora, count_steps, make_optimizer, run_steps
+from train.loop import attach_lora, count_steps, make_optimizer, prepare_process, run_steps
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class BenchSettings:
     """Ours only: torch.compile each decoder block's training forward (train/compiled.py)."""
     optimizer: str = "adamw"
     """Ours only (train.loop.make_optimizer); the Trainer runs paged_adamw_8bit on a GPU, as QLoRA's
-    recipe does, and adamw_torch on the CPU."""
+    recipe does, and its own default, adamw_torch_fused, on the CPU."""
     bf16_base_products: bool = False
     """Ours only: the frozen base's products in bf16 (`TrainConfig.bf16_base_products`)."""
     compute_dtype: str = "auto"
@@ -174,6 +174,7 @@ class OursRun:
         torch.manual_seed(s.seed)
         config = _config(s, base.config.path)
         accelerator = Accelerator()
+        prepare_process(base.device)  # as train.loop.train does; the Trainer baselines run with glibc's defaults
         model = attach_lora(base.model, config, base.model.config.num_hidden_layers)
         optimizer = make_optimizer(model, config, base.device)
         steps = total_steps(n_examples, s)
@@ -243,7 +244,7 @@ def _trainer_arguments(s: BenchSettings, steps: int, cuda: bool, out: str) -> di
         output_dir=out, per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.lr, max_steps=steps, lr_scheduler_type="cosine", warmup_steps=int(s.warmup_ratio * steps),
         weight_decay=0.0, max_grad_norm=1.0, seed=s.seed, data_seed=s.seed, save_strategy="no", report_to="none",
-        logging_steps=max(1, steps // 10), optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        logging_steps=max(1, steps // 10), optim="paged_adamw_8bit" if cuda else "adamw_torch_fused",
         bf16=s.compute_dtype == "bfloat16" or (cuda and s.compute_dtype == "auto"),
         use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,

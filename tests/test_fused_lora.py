@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from adapters import BaseConfig, load_base
-from train.fused_lora import LoraLinearFn, base_weight, fuse_lora_layers
+from train.fused_lora import FrozenBase, LoraLinearFn, base_products_dtype, fuse_lora_layers, padded_rows
 from train.loop import keep_4bit_layers_differentiable
 
 IDS = torch.tensor([[2, 7, 19, 33, 5, 81, 12, 9, 44, 3, 60, 17], [2, 11, 4, 90, 23, 8, 6, 71, 35, 14, 29, 50]])
@@ -129,8 +129,8 @@ def test_weights_repacked_before_training_are_unpacked(tiny_base):
     assert len(pairs) == 7 * never_packed.model.config.num_hidden_layers
     for original, unpacked in pairs:
         assert not getattr(unpacked.weight.quant_state, "packing_format_for_cpu", False)
-        expected = base_weight(original)
-        assert (base_weight(unpacked) - expected).abs().max() < 0.01 * expected.abs().max()
+        expected = FrozenBase(original).weight()
+        assert (FrozenBase(unpacked).weight() - expected).abs().max() < 0.01 * expected.abs().max()
 
 
 def test_the_fused_layers_are_the_default_on_the_cpu_only(tiny_base):
@@ -145,7 +145,8 @@ def test_the_fused_layers_are_the_default_on_the_cpu_only(tiny_base):
     assert not use_fused_lora(None, on_gpu) and use_fused_lora(True, on_gpu)
 
 
-def test_bf16_base_products_round_only_the_base_product(tiny_base):
+@pytest.mark.parametrize("rows", [24, 32], ids=["rows-padded", "rows-as-they-are"])
+def test_bf16_base_products_round_only_the_base_product(tiny_base, rows):
     """`fuse_lora_layers(model, torch.bfloat16)` (`--bf16-base-products`): the base's product and
     the input gradient through it come from bf16 operands, the LoRA branch's gradients not at all.
 
@@ -153,19 +154,20 @@ def test_bf16_base_products_round_only_the_base_product(tiny_base):
     its way back; for sums of terms of random sign the errors add as a random walk, so the
     result's normwise relative error is about √3·u = 6.8e-3 (measured 2.9e-3 for both, on a Xeon
     with AMX); the bound 4u = 0.0156 leaves a margin of over 2 on √3·u, while a product in the
-    wrong dtype or a dropped term would be off by O(1)."""
+    wrong dtype or a dropped term would be off by O(1). 24 rows are padded to 32 for the bf16
+    product (`padded_rows`); padding rows that leaked into the result would be off by O(1) too."""
     base = load_base(BaseConfig(str(tiny_base), quantize=True))
     keep_4bit_layers_differentiable(base.model)
     layer = base.model.model.layers[0].mlp.up_proj  # a 4-bit Linear
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(24, layer.in_features, generator=generator)
+    x = torch.randn(rows, layer.in_features, generator=generator)
     A = torch.randn(4, layer.in_features, generator=generator) * 0.1
     B = torch.randn(layer.out_features, 4, generator=generator) * 0.1
-    grad = torch.randn(24, layer.out_features, generator=generator)
+    grad = torch.randn(rows, layer.out_features, generator=generator)
 
     def run(products):
         leaves = [t.clone().requires_grad_() for t in (x, A, B)]
-        out = LoraLinearFn.apply(leaves[0], None, leaves[1], leaves[2], layer, 3.0, products)
+        out = LoraLinearFn.apply(leaves[0], None, leaves[1], leaves[2], FrozenBase(layer, products), 3.0)
         out.backward(grad)
         return out.detach(), *(t.grad for t in leaves)
 
@@ -176,3 +178,36 @@ def test_bf16_base_products_round_only_the_base_product(tiny_base):
         error = float((got - want).norm() / want.norm())
         assert 0 < error < bound, (name, error)  # > 0: the products did run in bf16
     assert dA16.equal(dA32) and dB16.equal(dB32)
+
+
+def test_the_kept_block_scales_give_bitsandbytes_own_weights(tiny_base):
+    """The nested absmax dequantized once and kept (`FrozenBase.weight`) gives exactly the weight
+    bitsandbytes' dequantize_4bit gives, in float32 and bf16; a layer whose quant state is
+    replaced (repacked, reloaded) gets its new scales, not the kept ones."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    base = load_base(BaseConfig(str(tiny_base), quantize=True))
+    layer = base.model.model.layers[0].self_attn.q_proj
+    state = layer.weight.quant_state
+    assert state.nested  # the project's 4-bit bases are double-quantized
+    frozen = FrozenBase(layer)
+    for dtype in (torch.float32, torch.bfloat16):
+        wanted = copy.copy(state)
+        wanted.dtype = dtype
+        assert frozen.weight(dtype).equal(bnbf.dequantize_4bit(layer.weight.data, wanted))
+    other = base.model.model.layers[1].self_attn.q_proj.weight
+    layer.weight.data, layer.weight.quant_state = other.data, other.quant_state  # another layer's codes and scales
+    assert frozen.weight().equal(bnbf.dequantize_4bit(other.data, other.quant_state))
+
+
+def test_padded_rows_bound_both_the_waste_and_the_count_of_shapes():
+    """At most 1/8 of the rows are padding past 32 rows, and at most eight padded counts (so eight
+    bf16 kernels a product shape) per doubling of the row count."""
+    for rows in range(1, 9000):
+        padded = padded_rows(rows)
+        assert padded >= rows and padded % 32 == 0
+        assert padded - rows < max(32, rows / 8), rows
+    for low in (2**k for k in range(5, 13)):
+        assert len({padded_rows(rows) for rows in range(low + 1, 2 * low + 1)}) <= 8, low

@@ -135,9 +135,10 @@ class TrainConfig:
                                          "train/fused_lora.py); --no-fused-lora runs peft's own forward. Default: on "
                                          "the CPU only, where it is the faster path (docs/performance.md).")
     bf16_base_products: bool = _opt(False, "With the fused layers: compute the frozen base's products in bf16 "
-                                           "(the rest of the step in the compute dtype). Several times faster "
-                                           "on a CPU with AMX, slower on one without bf16 units; it rounds the "
-                                           "products to bf16 (docs/performance.md). Off by default.")
+                                           "(the rest of the step in the compute dtype). Faster per step on a CPU "
+                                           "with AMX, slower on one without bf16 units; it rounds the products to "
+                                           "bf16 and keeps a kernel per product shape (docs/performance.md). Off "
+                                           "by default.")
     compile: bool | None = _opt(None, "torch.compile each decoder block's training forward (train/compiled.py): fewer, "
                                       "fused kernels per step, for a one-time compilation (seconds to a minute or two). "
                                       "Evals and generation stay eager. Default: on a GPU only, where it measured "

@@ -27,47 +27,86 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 
-def base_weight(layer: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The frozen base layer's weight, [out, in]: dequantized from 4 bits when quantized, in
-    `dtype` (None: the layer's compute dtype), straight from the 4-bit codes when it is quantized."""
-    weight = layer.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return weight if dtype is None else weight.to(dtype)
-    import bitsandbytes.functional as bnbf
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of an eighth of the power of two below it (at least 32).
 
-    if dtype is not None and dtype != state.dtype:
-        state = copy.copy(state)  # the same codes and scales, dequantized into another dtype
-        state.dtype = dtype
-    return bnbf.dequantize_4bit(weight.data, state)
+    oneDNN builds and keeps one bf16 kernel per product shape (memory and build time each:
+    docs/performance.md#training-on-the-cpu), and length-grouped batches bring a new token count
+    almost every step; rounded, there are at most eight row counts per doubling, for at most 1/8
+    of the rows (1/16 on average) computed and dropped."""
+    step = max(32, 1 << max(0, rows.bit_length() - 4))
+    return -(-rows // step) * step
 
 
-def base_product(a: torch.Tensor, layer: torch.nn.Module, transpose: bool, dtype: torch.dtype | None) -> torch.Tensor:
-    """a·Wᵀ (transpose) or a·W with the frozen base weight W, in a's dtype; with `dtype` (bf16)
-    the operands are rounded to it and the product is cast back (`fuse_lora_layers`)."""
-    w = base_weight(layer, dtype)
-    w = w.t() if transpose else w
-    if dtype is None:
-        return a @ w.to(a.dtype)
-    return (a.to(dtype) @ w).to(a.dtype)
+class FrozenBase:
+    """The frozen base linear layer of one fused LoRA layer: its weight, dequantized from 4 bits at
+    each use, and its products, in the compute dtype or in `products` (bf16).
+
+    On the CPU the 4-bit weight's per-block scales, themselves 8-bit quantized (double
+    quantization), are dequantized once and kept: bitsandbytes would redo it at every use, one
+    more call into its library per product, each far slower inside a training step than alone
+    (docs/performance.md#training-on-the-cpu). They cost 4 bytes per 64 weights; the
+    dequantized weight is identical."""
+
+    def __init__(self, layer: torch.nn.Module, products: torch.dtype | None = None):
+        self.layer, self.products = layer, products
+        self._scales: tuple[torch.Tensor, torch.Tensor] | None = None  # (the state's nested absmax, it dequantized)
+
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight, [out, in], in `dtype` (None: the layer's compute dtype)."""
+        weight = self.layer.weight
+        state = getattr(weight, "quant_state", None)
+        if state is None:
+            return weight if dtype is None else weight.to(dtype)
+        import bitsandbytes.functional as bnbf
+
+        dtype = dtype or state.dtype
+        # Compiled blocks (train/compiled.py) keep bitsandbytes' own call: a tensor kept on this
+        # object from inside a traced function is one that torch.compile cannot return.
+        plain = not state.nested or weight.device.type != "cpu" or weight.shape[0] == 1  # [1, n]: a layout bnb transposes
+        if plain or torch.compiler.is_compiling():
+            if dtype != state.dtype:
+                state = copy.copy(state)  # the same codes and scales, dequantized into another dtype
+                state.dtype = dtype
+            return bnbf.dequantize_4bit(weight.data, state)
+        if self._scales is None or self._scales[0] is not state.absmax:  # a new state: repacked, moved
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset  # as dequantize_4bit does
+            self._scales = (state.absmax, absmax.float())
+        return torch.ops.bitsandbytes.dequantize_4bit(weight.data, self._scales[1], state.blocksize, state.quant_type,
+                                                      state.shape, dtype)
+
+    def product(self, a: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """a·Wᵀ (transpose) or a·W, in a's dtype; with `products` (bf16) the operands are rounded
+        to it, its rows padded to `padded_rows`, and the product cast back."""
+        w = self.weight(self.products)
+        w = w.t() if transpose else w
+        if self.products is None:
+            return a @ w.to(a.dtype)
+        rows = a.shape[0]
+        padded = padded_rows(rows)
+        if padded == rows:
+            return (a.to(self.products) @ w).to(a.dtype)
+        operand = a.new_empty(padded, a.shape[1], dtype=self.products)
+        operand[:rows].copy_(a)
+        operand[rows:].zero_()
+        return (operand @ w)[:rows].to(a.dtype)
 
 
 class LoraLinearFn(torch.autograd.Function):
     """out = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ (+ bias), W the frozen base weight, x_d x after the LoRA dropout."""
 
     @staticmethod
-    def forward(ctx, x, x_dropped, A, B, layer, scale, products=None):
-        # x, x_dropped: [tokens, in] (x_dropped None without dropout); A: [r, in]; B: [out, r];
-        # products: the dtype of the base's products (None: x's)
+    def forward(ctx, x, x_dropped, A, B, base: FrozenBase, scale):
+        # x, x_dropped: [tokens, in] (x_dropped None without dropout); A: [r, in]; B: [out, r]
         a, b = A.to(x.dtype), B.to(x.dtype)
         lora_in = x if x_dropped is None else x_dropped
         h = lora_in @ a.t()  # [tokens, r]
-        out = base_product(x, layer, True, products)  # [tokens, out]
+        out = base.product(x, transpose=True)  # [tokens, out]
         out.addmm_(h, b.t(), alpha=scale)
-        if layer.bias is not None:
-            out += layer.bias.to(out.dtype)
+        if base.layer.bias is not None:
+            out += base.layer.bias.to(out.dtype)
         ctx.save_for_backward(x, x_dropped, h, a, b)
-        ctx.layer, ctx.scale, ctx.dtypes, ctx.products = layer, scale, (A.dtype, B.dtype), products
+        ctx.base, ctx.scale, ctx.dtypes = base, scale, (A.dtype, B.dtype)
         return out
 
     @staticmethod
@@ -79,12 +118,12 @@ class LoraLinearFn(torch.autograd.Function):
         grad_B = (grad.t() @ h).mul_(ctx.scale).to(ctx.dtypes[1])  # [out, r]
         grad_x = grad_dropped = None
         if ctx.needs_input_grad[0]:
-            grad_x = base_product(grad, ctx.layer, False, ctx.products)  # [tokens, in]
+            grad_x = ctx.base.product(grad, transpose=False)  # [tokens, in]
             if x_dropped is None:
                 grad_x.addmm_(grad_h, a)
         if x_dropped is not None and ctx.needs_input_grad[1]:
             grad_dropped = grad_h @ a
-        return grad_x, grad_dropped, grad_A, grad_B, None, None, None
+        return grad_x, grad_dropped, grad_A, grad_B, None, None
 
 
 def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -96,8 +135,8 @@ def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.T
     x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
     dropout = self.lora_dropout[key]
     dropped = dropout(x2) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else None
-    out = LoraLinearFn.apply(x2, dropped, self.lora_A[key].weight, self.lora_B[key].weight, self.get_base_layer(),
-                             self.scaling[key], self._base_products)
+    out = LoraLinearFn.apply(x2, dropped, self.lora_A[key].weight, self.lora_B[key].weight, self._frozen_base,
+                             self.scaling[key])
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -120,7 +159,12 @@ def fuse_lora_layers(model: torch.nn.Module, base_products: torch.dtype | None =
     for module in model.modules():
         if isinstance(module, LoraLayer) and not hasattr(module, "_peft_forward") and fusable(module):
             module._peft_forward = module.forward
-            module._base_products = base_products
+            module._frozen_base = FrozenBase(module.get_base_layer(), base_products)
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
     return count
+
+
+def base_products_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype the fused layers of `model` compute the base's products in (None: the compute dtype)."""
+    return next((m._frozen_base.products for m in model.modules() if hasattr(m, "_frozen_base")), None)

@@ -31,6 +31,7 @@ from adapters.card import AdapterCard, BaseInfo, ChatInfo, DatasetInfo, LoraInfo
 from adapters.chat import end_of_turn_token
 from adapters.data import Example, read_examples
 from adapters.store import AdapterStore
+from train.allocator import keep_freed_memory
 from train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.compiled import compile_blocks
 from train.config import LoraSettings, TrainConfig, config_to_dict
@@ -45,7 +46,7 @@ from train.data import (
     tokenize,
 )
 from train.evaluate import eval_loss, exact_match, token_loss_sum
-from train.fused_lora import fuse_lora_layers
+from train.fused_lora import base_products_dtype, fuse_lora_layers
 from train.save import save_adapter
 from train.stops import StopProbe, StopRowsPlan, plan_stop_rows, probe_sample, probe_stops, report_stop_rows, token_indices_for
 
@@ -222,6 +223,14 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def prepare_process(device: torch.device) -> None:
+    """Process settings for training on `device`: on the CPU, freed activation memory is kept for
+    the next step (train/allocator.py). After the base is loaded, whose large blocks are mapped
+    as glibc would map them anyway."""
+    if device.type == "cpu":
+        keep_freed_memory()
+
+
 def use_fused_lora(setting: bool | None, model) -> bool:
     """The fused layers where they were measured to help: asked for, or by default on the CPU.
 
@@ -253,10 +262,11 @@ def check_optimizer_fits_device(optimizer: str, device: torch.device) -> None:
 def make_optimizer(model, config: TrainConfig, device: torch.device):
     """AdamW over the trainable (LoRA) parameters.
 
-    The default is torch's, fused on a GPU: a few multi-tensor kernels step all the LoRA matrices
-    together. QLoRA's paged 8-bit AdamW (`paged_adamw_8bit`) steps them one by one, a kernel per
-    matrix, to save memory that LoRA's few parameters hardly need: their float32 states are a
-    small fraction of the base's 4-bit weights (docs/performance.md#device-dependent-defaults).
+    The default is torch's fused AdamW (as the Trainer's default is), on a GPU and on the CPU: a
+    few multi-tensor kernels step all the LoRA matrices together. QLoRA's paged 8-bit AdamW
+    (`paged_adamw_8bit`) steps them one by one, a kernel per matrix, to save memory that LoRA's
+    few parameters hardly need: their float32 states are a small fraction of the base's 4-bit
+    weights (docs/performance.md#device-dependent-defaults).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = config.optim
@@ -264,7 +274,7 @@ def make_optimizer(model, config: TrainConfig, device: torch.device):
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    fused = device.type == "cuda" and not under_fsdp()  # FSDP's sharded parameters keep the default loop
+    fused = device.type in ("cuda", "cpu") and not under_fsdp()  # FSDP's sharded parameters keep the default loop
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused or None)
 
 
@@ -303,6 +313,7 @@ def train(config: TrainConfig, store: AdapterStore | None = None, report: Report
 
     accelerator = make_accelerator(resolve_device(config.base.device))
     base = load_base(config.base)
+    prepare_process(base.device)
     n_layers = base.model.config.num_hidden_layers
     stops = plan_stops(config, base, data, accelerator)
     model = attach_lora(base.model, config, n_layers, stops.token_ids)
@@ -607,6 +618,10 @@ def _count_params(model) -> int:
     return total
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def _versions() -> dict[str, str]:
     import bitsandbytes
     import peft
@@ -640,6 +655,7 @@ def _build_card(config, base: LoadedBase, data: PreparedData, progress: Progress
             train_loss=round(progress.last_loss, 5),
             eval_loss=round(final_eval, 5),
             history=progress.history,
+            base_products=_dtype_name(base_products_dtype(base.model)),
         ),
         metric=metric,
         versions=_versions(),
