@@ -211,3 +211,11 @@ def test_padded_rows_bound_both_the_waste_and_the_count_of_shapes():
         assert padded - rows < max(32, rows / 8), rows
     for low in (2**k for k in range(5, 13)):
         assert len({padded_rows(rows) for rows in range(low + 1, 2 * low + 1)}) <= 8, low
+
+
+def test_the_fused_layers_say_which_dtype_the_base_products_run_in(tiny_base):
+    """What the card records as `training.base_products` (None: the compute dtype)."""
+    model = lora_model(tiny_base, quantize=True)
+    assert base_products_dtype(model) is None
+    fuse_lora_layers(model, torch.bfloat16)
+    assert base_products_dtype(model) == torch.bfloat16
