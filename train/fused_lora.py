@@ -83,10 +83,7 @@ class FrozenBase:
         if self.products is None:
             return a @ w.to(a.dtype)
         rows = a.shape[0]
-        padded = padded_rows(rows)
-        if padded == rows:
-            return (a.to(self.products) @ w).to(a.dtype)
-        operand = a.new_empty(padded, a.shape[1], dtype=self.products)
+        operand = a.new_empty(padded_rows(rows), a.shape[1], dtype=self.products)  # the cast to bf16, into padded rows
         operand[:rows].copy_(a)
         operand[rows:].zero_()
         return (operand @ w)[:rows].to(a.dtype)
