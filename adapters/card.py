@@ -79,7 +79,7 @@ class TrainingInfo:
     """Peak memory of the run: allocated GPU memory, or the process's peak RSS on the CPU."""
     base_products: str | None = None
     """The dtype of the frozen base's products where it was not the compute dtype ('bfloat16':
-    `--bf16-base-products`); None: the compute dtype."""
+    `--bf16-base-products`, the default on a CPU with AMX); None: the compute dtype."""
 
 
 @dataclass

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.cpu import cpu_flags
+
 CPU_FEATURES = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
 """/proc/cpuinfo flags that change which kernels are fast, and how results name them."""
 
@@ -18,8 +20,7 @@ def cpu_model() -> str:
     lines = info.splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    features = [name for flag, name in CPU_FEATURES.items() if flag in flags] or ["no AMX, no AVX512-BF16"]
+    features = [name for flag, name in CPU_FEATURES.items() if flag in cpu_flags()] or ["no AMX, no AVX512-BF16"]
     return f"{model} ({', '.join(features)})"
 
 

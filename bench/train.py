@@ -78,8 +78,10 @@ def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
 
 
-VARIANTS = {"ours_bf16_products": ["--bf16-base-products"]}
-"""Ours with an opt-in setting, run as extra sides (`--variants`): reported beside ours, never a baseline."""
+VARIANTS = {"ours_bf16_products": ["--bf16-base-products"], "ours_float32_products": ["--no-bf16-base-products"]}
+"""Ours with a setting other than its default, run as extra sides (`--variants`): reported beside
+ours, never a baseline. Which of the two is ours' default depends on the CPU (`card` of each run:
+`training.base_products`)."""
 
 
 def _child(args, which: str, extra: list[str]) -> dict:

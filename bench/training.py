@@ -45,6 +45,7 @@ from train.compiled import uncompile_blocks
 from train.config import DataSettings, LoraSettings, OptimSettings, TrainConfig
 from train.data import IGNORE_INDEX, Tokenized
 from train.evaluate import eval_loss
+from train.fused_lora import base_products_dtype
 from train.loop import attach_lora, count_steps, make_optimizer, prepare_process, run_steps
 
 
@@ -68,8 +69,9 @@ class BenchSettings:
     optimizer: str = "adamw"
     """Ours only (train.loop.make_optimizer); the Trainer runs paged_adamw_8bit on a GPU, as QLoRA's
     recipe does, and its own default, adamw_torch_fused, on the CPU."""
-    bf16_base_products: bool = False
-    """Ours only: the frozen base's products in bf16 (`TrainConfig.bf16_base_products`)."""
+    bf16_base_products: bool | None = None
+    """Ours only: the frozen base's products in bf16 (`TrainConfig.bf16_base_products`); None: our
+    default (on a CPU with AMX)."""
     compute_dtype: str = "auto"
     """Every side's: the base's compute dtype (`BaseConfig.compute_dtype`); with bfloat16 the
     Trainer-based baselines also run under bf16 autocast (`bf16=True`), as a user who chose bf16
@@ -87,6 +89,8 @@ class RunStats:
     train_s: float
     peak_memory_mb: float
     eval_loss: float
+    base_products: str | None = None
+    """Ours: the dtype its fused layers computed the base's products in (None: the compute dtype)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -198,8 +202,10 @@ def run_ours(base: LoadedBase, train: list[Tokenized], evals: list[Tokenized], s
         ours.run(train, pad_id, ours.steps, on_batch=lambda micro: positions.extend(m["input_ids"].numel() for m in micro))
     train_s = time.perf_counter() - start
     loss = eval_loss(ours.model, evals, pad_id, s.micro_batch_size, base.device)
-    stats = RunStats("ours", ours.progress.step, ours.progress.tokens, sum(positions), train_s, peak.mb, loss)
     model = ours.accelerator.unwrap_model(ours.model)
+    products = base_products_dtype(model)
+    stats = RunStats("ours", ours.progress.step, ours.progress.tokens, sum(positions), train_s, peak.mb, loss,
+                     str(products).removeprefix("torch.") if products else None)
     uncompile_blocks(model)  # the caller unloads the LoRA layers and hands the base to the next run
     return stats, model
 

@@ -8,7 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from adapters import BaseConfig, load_base
-from train.fused_lora import FrozenBase, LoraLinearFn, base_products_dtype, fuse_lora_layers, padded_rows
+from train.fused_lora import (PIECE_ROWS, TAIL_ROWS, FrozenBase, LoraLinearFn, base_products_dtype, fuse_lora_layers,
+                              padded_rows)
 from train.loop import keep_4bit_layers_differentiable
 
 IDS = torch.tensor([[2, 7, 19, 33, 5, 81, 12, 9, 44, 3, 60, 17], [2, 11, 4, 90, 23, 8, 6, 71, 35, 14, 29, 50]])
@@ -145,7 +146,20 @@ def test_the_fused_layers_are_the_default_on_the_cpu_only(tiny_base):
     assert not use_fused_lora(None, on_gpu) and use_fused_lora(True, on_gpu)
 
 
-@pytest.mark.parametrize("rows", [24, 32], ids=["rows-padded", "rows-as-they-are"])
+def test_bf16_base_products_are_the_default_on_a_cpu_with_amx_for_a_float32_base(tiny_base):
+    """Measured faster on a Xeon with AMX (docs/performance.md#training-on-the-cpu); a CPU without
+    AMX and a base already in bf16 keep the compute dtype; asking either way wins. The CPU's
+    flags are the caller's argument, so the verdict is the same on every machine."""
+    from train.loop import use_bf16_base_products
+
+    float32, bf16 = lora_model(tiny_base, quantize=True), lora_model(tiny_base, quantize=False, dtype=torch.bfloat16)
+    assert use_bf16_base_products(None, float32, amx=True)
+    assert not use_bf16_base_products(None, float32, amx=False)
+    assert not use_bf16_base_products(None, bf16, amx=True)
+    assert use_bf16_base_products(True, float32, amx=False) and not use_bf16_base_products(False, float32, amx=True)
+
+
+@pytest.mark.parametrize("rows", [24, 128, 600], ids=["rows-padded", "rows-as-they-are", "two-pieces"])
 def test_bf16_base_products_round_only_the_base_product(tiny_base, rows):
     """`fuse_lora_layers(model, torch.bfloat16)` (`--bf16-base-products`): the base's product and
     the input gradient through it come from bf16 operands, the LoRA branch's gradients not at all.
@@ -154,8 +168,9 @@ def test_bf16_base_products_round_only_the_base_product(tiny_base, rows):
     its way back; for sums of terms of random sign the errors add as a random walk, so the
     result's normwise relative error is about √3·u = 6.8e-3 (measured 2.9e-3 for both, on a Xeon
     with AMX); the bound 4u = 0.0156 leaves a margin of over 2 on √3·u, while a product in the
-    wrong dtype or a dropped term would be off by O(1). 24 rows are padded to 32 for the bf16
-    product (`padded_rows`); padding rows that leaked into the result would be off by O(1) too."""
+    wrong dtype or a dropped term would be off by O(1). 24 rows are padded to 128 for the bf16
+    product and 600 run as a 512-row piece and a padded 128-row one (`padded_rows`); padding rows
+    that leaked into the result, or a piece left out, would be off by O(1) too."""
     base = load_base(BaseConfig(str(tiny_base), quantize=True))
     keep_4bit_layers_differentiable(base.model)
     layer = base.model.model.layers[0].mlp.up_proj  # a 4-bit Linear
@@ -203,14 +218,15 @@ def test_the_kept_block_scales_give_bitsandbytes_own_weights(tiny_base):
 
 
 def test_padded_rows_bound_both_the_waste_and_the_count_of_shapes():
-    """At most 1/8 of the rows are padding past 32 rows, and at most eight padded counts (so eight
-    bf16 kernels a product shape) per doubling of the row count."""
+    """Fewer than TAIL_ROWS rows of padding per product, and every piece a product runs on has one
+    of PIECE_ROWS / TAIL_ROWS row counts (so that many bf16 kernels per product shape), whatever
+    the row count."""
+    pieces = set()
     for rows in range(1, 9000):
         padded = padded_rows(rows)
-        assert padded >= rows and padded % 32 == 0
-        assert padded - rows < max(32, rows / 8), rows
-    for low in (2**k for k in range(5, 13)):
-        assert len({padded_rows(rows) for rows in range(low + 1, 2 * low + 1)}) <= 8, low
+        assert rows <= padded < rows + TAIL_ROWS, rows
+        pieces |= {min(PIECE_ROWS, padded - start) for start in range(0, rows, PIECE_ROWS)}
+    assert pieces == set(range(TAIL_ROWS, PIECE_ROWS + 1, TAIL_ROWS))
 
 
 def test_the_fused_layers_say_which_dtype_the_base_products_run_in(tiny_base):

@@ -134,11 +134,11 @@ class TrainConfig:
     fused_lora: bool | None = _opt(None, "One autograd function per adapted layer (base product + LoRA, "
                                          "train/fused_lora.py); --no-fused-lora runs peft's own forward. Default: on "
                                          "the CPU only, where it is the faster path (docs/performance.md).")
-    bf16_base_products: bool = _opt(False, "With the fused layers: compute the frozen base's products in bf16 "
-                                           "(the rest of the step in the compute dtype). Faster per step on a CPU "
-                                           "with AMX, slower on one without bf16 units; it rounds the products to "
-                                           "bf16 and keeps a kernel per product shape (docs/performance.md). Off "
-                                           "by default.")
+    bf16_base_products: bool | None = _opt(None, "With the fused layers: compute the frozen base's products in "
+                                                  "bf16 (the rest of the step in the compute dtype); "
+                                                  "--no-bf16-base-products keeps them in the compute dtype. Default: "
+                                                  "on a CPU with AMX for a float32 base, where it measured faster; off "
+                                                  "elsewhere (docs/performance.md).")
     compile: bool | None = _opt(None, "torch.compile each decoder block's training forward (train/compiled.py): fewer, "
                                       "fused kernels per step, for a one-time compilation (seconds to a minute or two). "
                                       "Evals and generation stay eager. Default: on a GPU only, where it measured "

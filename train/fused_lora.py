@@ -27,15 +27,24 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 
-def padded_rows(rows: int) -> int:
-    """`rows` rounded up to a multiple of an eighth of the power of two below it (at least 32).
+PIECE_ROWS = 512
+"""bf16 base products run on row pieces of at most this many rows..."""
+TAIL_ROWS = 128
+"""...and the last piece is padded to a multiple of this: one product shape runs on at most
+PIECE_ROWS / TAIL_ROWS (4) row counts, whatever the batch's token count."""
 
-    oneDNN builds and keeps one bf16 kernel per product shape (memory and build time each:
-    docs/performance.md#training-on-the-cpu), and length-grouped batches bring a new token count
-    almost every step; rounded, there are at most eight row counts per doubling, for at most 1/8
-    of the rows (1/16 on average) computed and dropped."""
-    step = max(32, 1 << max(0, rows.bit_length() - 4))
-    return -(-rows // step) * step
+
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to whole pieces: full PIECE_ROWS pieces, then a last one of a multiple of
+    TAIL_ROWS.
+
+    oneDNN builds and keeps one bf16 kernel per product shape, each costing time to build and
+    memory to keep (docs/performance.md#training-on-the-cpu), and length-grouped batches bring a new token count
+    almost every step: a kernel built for nearly every step's count, its time and memory lost.
+    In pieces, each product shape gets its few kernels in the first steps and keeps them, at the
+    price of fewer than TAIL_ROWS rows computed and dropped per product."""
+    full = rows - rows % PIECE_ROWS
+    return full + -(-(rows - full) // TAIL_ROWS) * TAIL_ROWS
 
 
 class FrozenBase:
@@ -77,16 +86,20 @@ class FrozenBase:
 
     def product(self, a: torch.Tensor, transpose: bool) -> torch.Tensor:
         """a·Wᵀ (transpose) or a·W, in a's dtype; with `products` (bf16) the operands are rounded
-        to it, its rows padded to `padded_rows`, and the product cast back."""
+        to it, the product computed on row pieces (`padded_rows`) and each cast back."""
         w = self.weight(self.products)
         w = w.t() if transpose else w
         if self.products is None:
             return a @ w.to(a.dtype)
         rows = a.shape[0]
-        operand = a.new_empty(padded_rows(rows), a.shape[1], dtype=self.products)  # the cast to bf16, into padded rows
+        operand = a.new_empty(padded_rows(rows), a.shape[1], dtype=self.products)  # the cast to bf16, padded
         operand[:rows].copy_(a)
         operand[rows:].zero_()
-        return (operand @ w)[:rows].to(a.dtype)
+        out = a.new_empty(rows, w.shape[1])
+        for start in range(0, rows, PIECE_ROWS):
+            stop = min(start + PIECE_ROWS, rows)
+            out[start:stop] = (operand[start:start + PIECE_ROWS] @ w)[:stop - start]  # the cast back
+        return out
 
 
 class LoraLinearFn(torch.autograd.Function):
