@@ -159,6 +159,22 @@ def test_bf16_base_products_are_the_default_on_a_cpu_with_amx_for_a_float32_base
     assert use_bf16_base_products(True, float32, amx=False) and not use_bf16_base_products(False, float32, amx=True)
 
 
+def test_bf16_base_products_are_for_training_steps_only(tiny_base):
+    """In eval mode (the card's eval loss and metric, generation) a model trained with bf16
+    products answers as it will be served, in the compute dtype: as peft's own forward, to float32
+    rounding; in training mode its products are bf16's, about 3e-3 apart (a rounding of 2**-8)."""
+    model = lora_model(tiny_base, quantize=True)
+    model.eval()
+    with torch.no_grad():
+        served = model(input_ids=IDS).logits
+        fuse_lora_layers(model, torch.bfloat16)
+        evaluated = model(input_ids=IDS).logits
+        model.train()
+        trained = model(input_ids=IDS).logits
+    assert torch.equal(evaluated, served)
+    assert (trained - served).abs().max() > 1e-4 * served.abs().max()
+
+
 @pytest.mark.parametrize("rows", [24, 128, 600], ids=["rows-padded", "rows-as-they-are", "two-pieces"])
 def test_bf16_base_products_round_only_the_base_product(tiny_base, rows):
     """`fuse_lora_layers(model, torch.bfloat16)` (`--bf16-base-products`): the base's product and

@@ -141,6 +141,10 @@ def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.T
     covered = not (args or kwargs or self.disable_adapters or self.merged) and len(active) == 1
     if not covered or torch.is_autocast_enabled(x.device.type):  # autocast picks dtypes per op: peft's path
         return self._peft_forward(x, *args, **kwargs)
+    if not self.training and self._frozen_base.products is not None:
+        # Evals and generation in the precision the adapter is served in, so that a card's eval
+        # loss and metric are what the server will give; bf16 products are for the training steps.
+        return self._peft_forward(x, *args, **kwargs)
     key = active[0]
     x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
     dropout = self.lora_dropout[key]
