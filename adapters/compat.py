@@ -123,8 +123,11 @@ def read_adapter_files(folder: Path) -> AdapterShape:
     folder = Path(folder)
     _refuse_pickles(folder)
     _require_files(folder)
-    config = read_config(folder / ADAPTER_CONFIG)
-    tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
+    return adapter_shape(read_config(folder / ADAPTER_CONFIG), read_tensors(folder / ADAPTER_WEIGHTS))
+
+
+def adapter_shape(config: dict, tensors: dict[str, torch.Tensor]) -> AdapterShape:
+    """What `read_adapter_files` says of a config and its tensors, already read."""
     embeddings = sorted({key.split(EMBEDDING_MARK)[0].removeprefix(KEY_PREFIX) for key in tensors if EMBEDDING_MARK in key})
     if not embeddings and not any(_lora_part(key) for key in tensors):
         raise AdapterCheckError(f"{ADAPTER_WEIGHTS} holds no LoRA A/B matrices")
@@ -167,7 +170,7 @@ def _json_kind(value: object) -> str:
     return {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
 
 
-def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
     """Every tensor in the file (adapters are small enough to read whole)."""
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
@@ -492,14 +495,21 @@ def read_token_rows(folder: Path, base: BaseShape) -> TokenRows:
     """The adapter's trained token rows as they act on this base (float32, on the CPU): the
     embedding's rows on the input; on the output, the head's own rows, or on a tied base without
     them the embedding's (peft ties them so). AdapterCheckError for rows `check_adapter` refuses."""
-    if not read_config(Path(folder) / ADAPTER_CONFIG).get("trainable_token_indices"):
+    config = read_config(Path(folder) / ADAPTER_CONFIG)
+    if not config.get("trainable_token_indices"):
         return TokenRows()  # what the engine loads most: answered from the config alone
-    adapter = read_adapter_files(folder)
-    saved = {k: t for k, t in _read_tensors(Path(folder) / ADAPTER_WEIGHTS).items() if k.endswith(TOKEN_ROWS_SUFFIX)}
-    problems = token_row_problems(adapter, base) + tensor_problems(saved)
+    return token_rows_of(config, read_tensors(Path(folder) / ADAPTER_WEIGHTS), base)
+
+
+def token_rows_of(config: dict, tensors: dict[str, torch.Tensor], base: BaseShape) -> TokenRows:
+    """`read_token_rows` of a config and its tensors, already read (the engine reads the file once)."""
+    if not config.get("trainable_token_indices"):
+        return TokenRows()
+    saved = {k: t for k, t in tensors.items() if k.endswith(TOKEN_ROWS_SUFFIX)}
+    problems = token_row_problems(adapter_shape(config, tensors), base) + tensor_problems(saved)
     if problems:
         raise AdapterCheckError("; ".join(problems))
-    targets, _ = _token_targets(adapter.config, base)
+    targets, _ = _token_targets(config, base)
     sets = {m: TokenRowSet(tuple(targets[m]), t.float()) for m, t in token_row_tensors(saved).items()}
     own_output = sets.get(base.output_module)
     shared = sets.get(base.input_module) if base.tied_embeddings else None

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
-from adapters.compat import lora_halves, read_config
+from adapters.compat import lora_halves, read_config, read_tensors
 from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
@@ -84,6 +82,10 @@ def lora_scale(config: Mapping, module: str) -> float:
 def read_adapter_weights(folder: Path) -> AdapterWeights:
     """Every LoRA pair in a checked adapter folder, on the CPU in the file's dtype."""
     folder = Path(folder)
-    config = read_config(folder / ADAPTER_CONFIG)
-    halves = lora_halves(load_file(str(folder / ADAPTER_WEIGHTS)))
+    return adapter_weights(read_config(folder / ADAPTER_CONFIG), read_tensors(folder / ADAPTER_WEIGHTS))
+
+
+def adapter_weights(config: Mapping, tensors: dict[str, torch.Tensor]) -> AdapterWeights:
+    """Every LoRA pair among a checked adapter's tensors, already read, with peft's scale for each."""
+    halves = lora_halves(tensors)
     return AdapterWeights({module: LoraPair(a, b, lora_scale(config, module)) for module, (a, b) in halves.items()})

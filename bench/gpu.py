@@ -800,7 +800,7 @@ def bench_shape(shape: str, device: torch.device, workdir: Path, bandwidth: floa
             "serving": lambda b: bench_serving(b, plan, workdir / f"{shape}-serve", bandwidth, windows, progress)}
     for stage in stages:
         run, started = runs[stage], time.perf_counter()
-        result[stage] = attempt(lambda: run(base))
+        result[stage] = attempt(functools.partial(run, base))
         result[f"{stage}_s"] = round(time.perf_counter() - started, 1)
         # A failed run may leave LoRA layers or compiled blocks on the base: go on with a fresh
         # one, for the other stage still counts.

@@ -23,9 +23,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from adapters.base import LoadedBase, end_of_turn_id
 from adapters.chat import Message, encode_prompt
-from adapters.compat import BaseShape, TokenRows, read_token_rows
-from adapters.store import CHAT_TEMPLATE_FILE
-from adapters.weights import AdapterWeights, read_adapter_weights
+from adapters.compat import BaseShape, TokenRows, read_config, read_tensors, token_rows_of
+from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHAT_TEMPLATE_FILE
+from adapters.weights import AdapterWeights, adapter_weights
 from serve.grammar import GrammarError, Grammars, ResponseFormat
 from serve.registry import AdapterEntry, AdapterRegistry, UnknownAdapterError
 from serve.mixes import MixError, is_mix, parse_mix
@@ -249,8 +249,10 @@ class AdapterCache:
 
 
 def read_adapter(entry: AdapterEntry, base: BaseShape) -> tuple[AdapterWeights, TokenRows]:
-    """An adapter's LoRA weights and trained token rows, read from its folder (CPU tensors)."""
-    return read_adapter_weights(entry.path), read_token_rows(entry.path, base)
+    """An adapter's LoRA weights and trained token rows, from one read of its folder (CPU tensors)."""
+    config = read_config(entry.path / ADAPTER_CONFIG)
+    tensors = read_tensors(entry.path / ADAPTER_WEIGHTS)
+    return adapter_weights(config, tensors), token_rows_of(config, tensors, base)
 
 
 class Prefetched:

@@ -4,8 +4,9 @@ as the live one on its own golden prompts.
 When the store's link for a served name moves to a new version (a retrain published it), the
 registry keeps serving the live version and hands the new one here (`PromotionGate.submit`). A
 thread of its own replays the new version's golden prompts (`AdapterCard.golden`) through the
-engine, greedily, on both versions in one batch, and scores each answer by exact match. If the
-new version scores below the live one by more than the margin, the live one stays live (the
+engine, greedily, on both versions side by side, and scores each answer by exact match. If the
+new version scores below the live one by more than the margin, or any of its replies failed
+(its check is incomplete), the live one stays live (the
 store's link flips back) and the new one is served only as `name@candidate`; otherwise it goes
 live. A version whose card has no golden prompts goes live unchecked (the report says so).
 Each decision is kept in a `GateReport`, written beside the name in the store. docs/versions.md
@@ -101,6 +102,8 @@ class Scores:
     regressed: tuple[RegressedPrompt, ...]
     errors: tuple[str, ...]
     """Why replies failed (a version that would not load, a reply cut by shutdown), once each."""
+    candidate_failed: int = 0
+    """The new version's replies that failed: its check is incomplete, so it is held back."""
 
 
 def golden_requests(spec: str, golden: Sequence[GoldenPrompt], count_tokens: Callable[[str], int]) -> list[ChatRequest]:
@@ -119,7 +122,8 @@ def score(golden: Sequence[GoldenPrompt], live: Sequence[ChatResult], candidate:
                       for g, lv, cd, (hit_live, hit_new) in zip(golden, live, candidate, hits) if hit_live and not hit_new)
     errors = tuple(dict.fromkeys(r.error for r in (*live, *candidate) if r.error))
     n = len(golden)
-    return Scores(sum(h for h, _ in hits) / n, sum(h for _, h in hits) / n, regressed, errors)
+    failed = sum(1 for r in candidate if r.error)
+    return Scores(sum(h for h, _ in hits) / n, sum(h for _, h in hits) / n, regressed, errors, failed)
 
 
 def _last_user(golden: GoldenPrompt) -> str:
@@ -134,7 +138,8 @@ def holds_back(scores: Scores, margin: float) -> bool:
 class PromotionGate:
     """Decides, one new version at a time in its own thread, whether it goes live (module docstring).
 
-    generate: the engine's (`Engine.generate`), run with a timeout; count_tokens: the base
+    generate: results for requests in order, within a timeout (`Service.generate_in_turn`, which
+    keeps them inside the server's queue bound; `Engine.generate` runs them all at once); count_tokens: the base
     tokenizer's token count of a text. Requests for the name keep resolving to the live version
     until the decision, which the registry applies under its lock (`AdapterRegistry.make_live`,
     `AdapterRegistry.hold_back`).
@@ -212,22 +217,24 @@ class PromotionGate:
         scores = self._replay(live, candidate, golden)
         if scores is None:
             return None
-        verdict = HELD if holds_back(scores, self.settings.margin) else PROMOTED
+        verdict = HELD if scores.candidate_failed or holds_back(scores, self.settings.margin) else PROMOTED
         reason = "; ".join(scores.errors)
         return GateReport(verdict=verdict, live_score=scores.live, candidate_score=scores.candidate,
                           regressed=scores.regressed, reason=reason, **base)
 
     def _replay(self, live: AdapterEntry, candidate: AdapterEntry, golden: Sequence[GoldenPrompt]) -> Scores | None:
-        """Both versions' replies to the golden prompts, submitted together so they share decode steps."""
-        requests = [*golden_requests(f"{live.name}@{live.path.name}", golden, self._count_tokens),
-                    *golden_requests(f"{candidate.name}@{candidate.path.name}", golden, self._count_tokens)]
+        """Both versions' replies to the golden prompts, each prompt's two requests side by side so
+        they share decode steps (`generate` runs them a few places at a time, in order)."""
+        pairs = zip(golden_requests(f"{live.name}@{live.path.name}", golden, self._count_tokens),
+                    golden_requests(f"{candidate.name}@{candidate.path.name}", golden, self._count_tokens))
+        requests = [request for pair in pairs for request in pair]
         try:
             results = self._generate(requests, timeout=GATE_TIMEOUT_S)
         except TimeoutError:
             results = [ChatResult(r.adapter, error=f"no reply within {GATE_TIMEOUT_S:.0f} s") for r in requests]
         if self._stop.is_set():
             return None  # replies cut short by shutdown decide nothing
-        return score(golden, results[: len(golden)], results[len(golden):])
+        return score(golden, results[0::2], results[1::2])
 
     def _rejected(self, name: str, live: AdapterEntry, version: str, reason: str) -> GateReport:
         return GateReport(name, live.path.name, version, REJECTED, self.settings.margin, 0, reason=reason)

@@ -3,7 +3,8 @@
 The Gradio UI (`serve/ui.py`) and the OpenAI-compatible API (`serve/api.py`) are thin layers
 over one `Service`: one base, one registry (watching the store), one engine and one decode loop.
 A bounded number of requests may be waiting or running; past it `submit` raises `BusyError`,
-so a flood gets "busy" answers instead of an unbounded queue eating memory.
+so a flood gets "busy" answers instead of an unbounded queue eating memory. The server's own
+requests (the gate's replays) count against the same bound and take at most a quarter of it.
 
 Versions (docs/versions.md): the promotion gate (serve/gate.py) checks each new version of a
 served adapter before it goes live; `versions`, `gate_report`, `promote` and `rollback` are what
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from adapters import AdapterStore, BaseConfig, BaseShape, LoadedBase, Message, load_base
 from adapters.base import DEFAULT_BASE
@@ -145,6 +146,11 @@ class VersionPointers:
     rollback_target: str | None
 
 
+BACKGROUND_SHARE = 4
+"""The server's own requests hold at most 1/BACKGROUND_SHARE of `max_queue` (at least one place):
+a card with hundreds of golden prompts checks them a few at a time and users keep the rest."""
+
+
 class Service:
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, config: ServiceConfig = ServiceConfig()):
         self.base, self.registry, self.config = base, registry, config
@@ -157,7 +163,7 @@ class Service:
         self._observers: list[RequestObserver] = []
         self.gate: PromotionGate | None = None
         if config.gate.enabled:
-            self.gate = PromotionGate(registry, self.engine.generate, self._count_tokens, config.gate)
+            self.gate = PromotionGate(registry, self.generate_in_turn, self._count_tokens, config.gate)
             registry.set_gate(self.gate.submit)
 
     @classmethod
@@ -217,7 +223,7 @@ class Service:
         with self._held_lock:
             self._held += change
 
-    def _release(self, _: ChatResult) -> None:
+    def _release(self, _: ChatResult | None) -> None:
         self._count(-1)
         self._permits.release()
 
@@ -248,6 +254,45 @@ class Service:
                 stream.cancel()
             raise
         return streams
+
+    def background_places(self) -> int:
+        """How many of the `max_queue` places the server's own requests hold at most."""
+        return max(1, self.config.max_queue // BACKGROUND_SHARE)
+
+    def generate_in_turn(self, requests: Sequence[ChatRequest], timeout: float) -> list[ChatResult]:
+        """The server's own requests (the promotion gate's replays), inside `max_queue`: at most
+        `background_places()` at a time, in order, each waiting for a free place where a user's
+        request would be refused one. One result per request (a bad one gets an error result);
+        TimeoutError when `timeout` seconds pass first, with what it still ran cancelled."""
+        deadline = time.monotonic() + timeout
+        places = self.background_places()
+        results: list[ChatResult] = []
+        for start in range(0, len(requests), places):
+            results.extend(self._run_in_places(requests[start:start + places], deadline))
+        return results
+
+    def _run_in_places(self, requests: Sequence[ChatRequest], deadline: float) -> list[ChatResult]:
+        streams: list[Stream] = []
+        try:
+            for request in requests:
+                streams.append(self._queue_waiting(request, deadline))
+            return [stream.wait(max(0.0, deadline - time.monotonic())) for stream in streams]
+        except TimeoutError:
+            for stream in streams:
+                stream.cancel()  # its place comes back when the loop ends it
+            raise
+
+    def _queue_waiting(self, request: ChatRequest, deadline: float) -> Stream:
+        if not self._permits.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"no free place in the queue for a request to {request.adapter!r} in time")
+        self._count(+1)
+        try:
+            stream = self.batcher.submit(request)  # a closed loop answers with a finished stream
+        except BaseException:
+            self._release(None)
+            raise
+        stream.add_done_callback(self._release)
+        return stream
 
     # -- adapters --------------------------------------------------------------------
     def model_names(self) -> list[str]:

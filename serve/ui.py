@@ -52,7 +52,7 @@ def build_ui(service: Service, preferences: PreferenceLog, runs: TrainingRuns | 
         with gr.Tab("Adapters"):
             _adapters_tab(service, preferences)
         with gr.Tab("Train"):
-            _train_tab(service, runs, choices, pickers)
+            _train_tab(ui, runs, choices, pickers)
         _api_endpoints(service)
     return ui
 
@@ -311,9 +311,10 @@ def _blind_tab(service: Service, choices, preferences: PreferenceLog) -> list:
     return [first, second]
 
 
-def _train_tab(service: Service, runs: TrainingRuns | None, choices, pickers: list) -> None:
+def _train_tab(ui: gr.Blocks, runs: TrainingRuns | None, choices, pickers: list) -> None:
     """Pick or upload a dataset, see it validated, set r/alpha/lr/epochs, start, follow, stop.
-    A finished run refreshes the registry and every adapter picker in the other tabs."""
+    A finished run refreshes the registry and every adapter picker in the other tabs. A page
+    loaded (or reloaded) while a run goes on follows it again; after one, it shows how it ended."""
     if runs is None:
         gr.Markdown("Training from the UI is off on this server (`python -m serve web` turns it on).")
         return
@@ -359,11 +360,21 @@ def _train_tab(service: Service, runs: TrainingRuns | None, choices, pickers: li
             run = runs.start(adapter.strip(), path, int(rank), float(a), float(rate), float(n))
         except ValueError as err:  # TrainingRunError, a bad adapter name: shown as they are
             raise gr.Error(str(err)) from err
+        yield from follow(run)
+
+    def follow(run):
         for progress in runs.events(run):
             yield [progress_text(progress), _frame(progress), "\n".join(progress.log_tail)] + [gr.update()] * len(pickers)
         final = runs.wait(run)  # the registry has been refreshed by then (on_finished)
         yield [progress_text(final), _frame(final), "\n".join(final.log_tail)] + \
               [gr.update(choices=choices()) for _ in pickers]
+
+    def reattach():
+        run = runs.latest()
+        if run is None:
+            yield [gr.update()] * (3 + len(pickers))
+            return
+        yield from follow(run)
 
     def halt():
         run = runs.latest()
@@ -376,6 +387,7 @@ def _train_tab(service: Service, runs: TrainingRuns | None, choices, pickers: li
     dataset.focus(lambda: gr.Dropdown(choices=dataset_choices(runs)), None, dataset, api_visibility="private")
     start.click(train, [dataset, name, r, alpha, lr, epochs], [status, curve, tail, *pickers], api_visibility="private")
     stop.click(halt, None, status, api_visibility="private")
+    ui.load(reattach, None, [status, curve, tail, *pickers], api_visibility="private")
 
 
 def _frame(progress):

@@ -5,7 +5,7 @@ says why, unless LORASWAP_REQUIRE_BROWSER=1 (set by .ci/run, which installs chro
 
 One server and one browser page serve the module's tests, in order: the tour of Chat, Compare and
 Adapters; the promotion gate holding back a worse retrained version, then Promote and Roll back;
-the Train tab training a new adapter that is then chatted with.
+the Train tab training a new adapter (followed again after a page reload) that is then chatted with.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def test_the_train_tab_uploads_trains_and_the_new_adapter_answers(site, tmp_path
     page, service, _, _ = site
     rows = [chat_row(f"Kind of {animal}?", kind) for animal, kind in ANIMAL_KINDS.items()]
     dataset = write_jsonl(tmp_path / "kinds.jsonl", rows * 20)
-    status = train(page, dataset, "kinds", {"r": 8, "alpha": 16, "lr": 0.005, "epochs": 10}, SHOTS)
+    status = train(page, dataset, "kinds", {"r": 8, "alpha": 16, "lr": 0.005, "epochs": 10}, SHOTS, reload_midway=True)
     assert "finished" in status
     assert "kinds" in service.model_names()
     page.get_by_role("tab", name="Chat").click()

@@ -20,7 +20,8 @@ import pytest
 from adapters.card import CARD_FILE, read_card
 from adapters.metric import is_exact_match
 from adapters.store import AdapterStore
-from serve.gate import HELD, PROMOTED, UNCHECKED, golden_requests
+from serve.engine import ChatResult
+from serve.gate import HELD, PROMOTED, UNCHECKED, GateSettings, PromotionGate, golden_requests
 from serve.server import AccessConfig
 from serve.slots import DecodeSettings
 from tests.conftest import (ANIMAL_COLORS, TRAINING_SOURCES, LiveServer, build_once, chat, free_port, start_service,
@@ -190,7 +191,6 @@ def test_an_equal_version_goes_live_and_one_without_golden_prompts_goes_live_unc
 
 
 def test_with_the_gate_off_a_new_version_goes_live_at_once(two_adapters, worse_colors, tiny_base, tmp_path):
-    from serve.gate import GateSettings
     from serve.service import Service, ServiceConfig
 
     store = published_copy(two_adapters, tmp_path / "store")
@@ -219,6 +219,34 @@ def test_examples_come_from_the_cards_of_the_chosen_adapters_each_once(held, tin
         assert {p.split()[0] for p in both} == {"Color", "Size"}
         assert [e.user for e in service.example_prompts(["colors"])] == colors  # the eval data has no system prompt
         assert all(e.system is None for e in service.example_prompts(["colors"]))
+    finally:
+        service.close()
+
+
+def test_a_version_whose_replies_fail_or_never_come_is_held_back_and_the_report_says_why(held, tiny_base, tmp_path):
+    """The worse version on both sides scores 0 against 0: only its failed replies can hold it back."""
+    service = serve(tiny_base, copy_of(held, tmp_path))
+    worse = service.registry.resolve("colors@candidate")
+
+    def candidate_fails(requests, timeout):  # the new version's replies are the odd ones
+        results = service.generate_in_turn(requests, timeout)
+        return [r if i % 2 == 0 else ChatResult(r.adapter, error="adapter 'colors' unavailable") for i, r in enumerate(results)]
+
+    def never_answers(requests, timeout):
+        raise TimeoutError
+
+    def count(text: str) -> int:
+        return len(service.base.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    try:
+        for generate, verdict, why in ((service.generate_in_turn, PROMOTED, ""), (candidate_fails, HELD, "adapter 'colors' unavailable"),
+                                       (never_answers, HELD, "no reply within 600 s")):
+            gate = PromotionGate(service.registry, generate, count, GateSettings())
+            try:
+                report = gate.evaluate(worse, worse)
+            finally:
+                gate.close()
+            assert (report.verdict, report.live_score, report.candidate_score, report.reason) == (verdict, 0.0, 0.0, why)
     finally:
         service.close()
 

@@ -27,7 +27,11 @@ from serve.mixes import MixError, Part, make_mix, parse_mix
 from serve.server import AccessConfig
 from serve.slots import DecodeSettings
 from tests.conftest import LiveServer, free_port, start_service
-from tests.test_routing import batch, engine, mixed_ranks, shared_inputs  # noqa: F401 (fixtures)
+from tests import test_routing
+from tests.test_routing import batch, shared_inputs
+
+# test_routing's fixtures, bound here under their names so pytest finds them for this module's tests.
+engine, mixed_ranks = test_routing.engine, test_routing.mixed_ranks
 
 LOGIT_TOLERANCE = 1e-4
 """test_routing's bound for routed float32 logits against peft's (rounding of ~1e-6 on logits of

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from adapters import Message
-from serve.engine import SamplingParams
+from serve.engine import ChatRequest, SamplingParams
 from serve.service import BusyError, divergence
-from tests.conftest import start_service
+from tests.conftest import ANIMAL_COLORS, start_service
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,55 @@ def test_more_requests_than_the_queue_holds_are_refused_and_the_slots_come_back(
         stream.cancel()
         stream.wait(60)
     assert service.chat("colors", [Message("user", "Color of cat?")], SamplingParams(max_new_tokens=4)).wait(60).text == "red"
+
+
+def own_requests() -> list[ChatRequest]:
+    """What the promotion gate would replay on 'colors': one request per animal it was trained on."""
+    return [ChatRequest("colors", (Message("user", f"Color of {animal}?"),), SamplingParams(max_new_tokens=8))
+            for animal in ANIMAL_COLORS]
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_servers_own_requests_hold_one_place_of_three_and_answer_in_order(service):
+    """max_queue 3: the gate's replays take a quarter of the places (at least one), never more."""
+    params = SamplingParams(max_new_tokens=4)
+    ask = [Message("user", "Color of cat?")]
+    assert service.background_places() == 1
+    with ThreadPoolExecutor(1) as pool:
+        with service.engine.lock:  # the decode loop is frozen: what is queued stays queued
+            running = pool.submit(service.generate_in_turn, own_requests(), 120)
+            assert wait_until(lambda: service.requests_held() == 1, 10), "the server's own request holds no place"
+            users = [service.chat("colors", ask, params) for _ in range(2)]
+            with pytest.raises(BusyError):
+                service.chat("colors", ask, params)
+            assert service.requests_held() == 3
+        results = running.result(timeout=120)
+    assert [r.text for r in results] == list(ANIMAL_COLORS.values())
+    assert [u.wait(60).text for u in users] == ["red", "red"]
+    assert wait_until(lambda: service.requests_held() == 0, 10)
+
+
+def test_with_no_place_free_the_servers_own_requests_wait_then_time_out_keeping_no_place(service):
+    params = SamplingParams(max_new_tokens=4)
+    with service.engine.lock:
+        users = [service.chat("colors", [Message("user", "Color of cat?")], params) for _ in range(3)]
+        with pytest.raises(TimeoutError, match="no free place in the queue for a request to 'colors'"):
+            service.generate_in_turn(own_requests(), 0.3)
+        assert service.requests_held() == 3
+    assert [u.wait(60).text for u in users] == ["red"] * 3
+    assert wait_until(lambda: service.requests_held() == 0, 10)
+    with service.engine.lock:  # a place, but no reply in time: the request is cancelled and its place comes back
+        with pytest.raises(TimeoutError):
+            service.generate_in_turn(own_requests(), 0.3)
+    assert wait_until(lambda: service.requests_held() == 0, 10)
 
 
 def test_the_adapter_table_lists_the_base_every_adapter_and_unload_moves_one_off_the_device(service):

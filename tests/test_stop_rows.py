@@ -373,6 +373,26 @@ def test_good_token_rows_register(good_rows, tiny_base):
     assert check_adapter(good_rows, tiny_shape(tiny_base)).token_row_shapes == {"lm_head": (2, 64)}
 
 
+def test_the_engine_reads_a_token_row_adapter_s_file_once_and_gets_what_each_reader_gives(good_rows, tiny_base,
+                                                                                          monkeypatch):
+    from adapters import compat
+    from adapters.weights import read_adapter_weights
+    from serve.engine import read_adapter
+    from serve.registry import AdapterEntry
+
+    shape = tiny_shape(tiny_base)
+    lora, rows = read_adapter_weights(good_rows), compat.read_token_rows(good_rows, shape)
+    opened, real = [], compat.safe_open
+    monkeypatch.setattr(compat, "safe_open", lambda path, **kw: opened.append(path) or real(path, **kw))
+    got_lora, got_rows = read_adapter(AdapterEntry("good", good_rows, None, 8), shape)
+    assert opened == [str(good_rows / "adapter_model.safetensors")]
+    assert got_lora.modules() == lora.modules() and len(lora.modules()) > 0
+    assert all(torch.equal(got_lora.pairs[m].A, p.A) and torch.equal(got_lora.pairs[m].B, p.B)
+               and got_lora.pairs[m].scale == p.scale for m, p in lora.pairs.items())
+    assert rows.input is None and got_rows.input is None and got_rows.output.token_ids == rows.output.token_ids == (3, 10)
+    assert torch.equal(got_rows.output.rows, rows.output.rows)
+
+
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
 def test_token_rows_that_do_not_fit_are_refused_with_the_reason(case, good_rows, tiny_base, tmp_path):
     config, tensors, reason = BAD_ROWS[case]

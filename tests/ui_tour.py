@@ -252,8 +252,10 @@ def has_examples(page, examples: str) -> bool:
     return page.locator(f"{examples} button").count() > 0
 
 
-def train(page, dataset: Path, name: str, settings: dict[str, float], shots: Path | None, timeout_s: float = 300) -> str:
-    """Upload a dataset in the Train tab, set the run, start it and wait for it to finish; the status text."""
+def train(page, dataset: Path, name: str, settings: dict[str, float], shots: Path | None, timeout_s: float = 300,
+          reload_midway: bool = False) -> str:
+    """Upload a dataset in the Train tab, set the run, start it and wait for it to finish; the status text.
+    reload_midway: reload the page once the run is going; the Train tab must pick the run up again."""
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Train").click()
@@ -269,6 +271,10 @@ def train(page, dataset: Path, name: str, settings: dict[str, float], shots: Pat
     if shots:
         page.wait_for_timeout(2000)
         page.screenshot(path=str(shots / "train-running.png"), full_page=True)
+    if reload_midway:
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        expect(status).to_contain_text(f"{name}:", timeout=30_000)  # nothing was clicked on this page
     expect(status).to_contain_text("finished", timeout=timeout_s * 1000)
     if shots:
         page.screenshot(path=str(shots / "train-finished.png"), full_page=True)
