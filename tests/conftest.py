@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,8 +196,6 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":
-        import time
-
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -208,6 +207,16 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.service.close()
+
+
+def wait_until(condition, timeout: float) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def start_service(base: Path, store: AdapterStore, max_queue: int = 32, reports: Path | None = None,

@@ -29,7 +29,7 @@ from gradio_client import Client
 from serve.__main__ import main
 from serve.api import ApiLimits
 from serve.server import GRACEFUL_SHUTDOWN_S, AccessConfig, AccessSettings, access_from
-from tests.conftest import LiveServer, free_port, start_service
+from tests.conftest import LiveServer, free_port, start_service, wait_until
 
 # A live server per module, its graceful shutdowns and throttling windows: the full suite's tier.
 pytestmark = pytest.mark.slow
@@ -234,15 +234,6 @@ def frozen_decode_loop(service):
         yield
     finally:
         service.engine.lock.release()
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_non_streaming_clients_that_leave_cancel_their_requests_and_free_their_places(hostile, streams):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from adapters import Message
 from serve.engine import ChatRequest, SamplingParams
 from serve.service import BusyError, divergence
-from tests.conftest import ANIMAL_COLORS, start_service
+from tests.conftest import ANIMAL_COLORS, start_service, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +51,6 @@ def own_requests() -> list[ChatRequest]:
     """What the promotion gate would replay on 'colors': one request per animal it was trained on."""
     return [ChatRequest("colors", (Message("user", f"Color of {animal}?"),), SamplingParams(max_new_tokens=8))
             for animal in ANIMAL_COLORS]
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_the_servers_own_requests_hold_one_place_of_three_and_answer_in_order(service):
