@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from adapters.compat import lora_halves, read_config, read_tensors
 from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 

@@ -6,10 +6,10 @@ registry keeps serving the live version and hands the new one here (`PromotionGa
 thread of its own replays the new version's golden prompts (`AdapterCard.golden`) through the
 engine, greedily, on both versions side by side, and scores each answer by exact match. If the
 new version scores below the live one by more than the margin, or any of its replies failed
-(its check is incomplete), the live one stays live (the
-store's link flips back) and the new one is served only as `name@candidate`; otherwise it goes
-live. A version whose card has no golden prompts goes live unchecked (the report says so).
-Each decision is kept in a `GateReport`, written beside the name in the store. docs/versions.md
+(its check is incomplete), the live one stays live (the store's link flips back) and the new
+one is served only as `name@candidate`; otherwise it goes live. A version whose card has no
+golden prompts goes live unchecked (the report says so). Each decision is kept in a
+`GateReport`, written beside the name in the store. docs/versions.md
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ class PromotionGate:
     """Decides, one new version at a time in its own thread, whether it goes live (module docstring).
 
     generate: results for requests in order, within a timeout (`Service.generate_in_turn`, which
-    keeps them inside the server's queue bound; `Engine.generate` runs them all at once); count_tokens: the base
-    tokenizer's token count of a text. Requests for the name keep resolving to the live version
+    keeps them inside the server's queue bound; `Engine.generate` runs them all at once);
+    count_tokens: the base tokenizer's token count of a text. Requests for the name keep resolving to the live version
     until the decision, which the registry applies under its lock (`AdapterRegistry.make_live`,
     `AdapterRegistry.hold_back`).
     """
